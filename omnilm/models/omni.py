@@ -1,0 +1,174 @@
+"""The composite model: decoder + optional encoders and projectors (+ discrete heads, added by the
+discrete path). Continuous fusion scatters projected encoder features into the token embeddings at
+the placeholder ids the processor put in the prompt.
+
+Submodule names follow LLaVA (`language_model`, `vision_tower`, `multi_modal_projector`) so its
+checkpoints convert by prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from .decoder import CausalLM, CausalLMOutput, init_weights
+
+
+class OmniModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.language_model = CausalLM(cfg.decoder)
+        self.vision_tower = self.multi_modal_projector = None
+        self.audio_tower = self.audio_projector = None
+        if cfg.vision is not None:
+            from .vision import build_vision_projector, build_vision_tower
+
+            self.vision_tower = build_vision_tower(cfg.vision)
+            self.multi_modal_projector = build_vision_projector(cfg.vision, cfg.decoder.hidden_size)
+        if cfg.audio is not None:
+            from .audio import build_audio_projector, build_audio_tower
+
+            self.audio_tower = build_audio_tower(cfg.audio)
+            self.audio_projector = build_audio_projector(cfg.audio, cfg.decoder.hidden_size)
+        self.hf_format = "llama"  # how save_pretrained writes this model; set by loaders
+
+    # ---- fusion -----------------------------------------------------------------------------------
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N_images, 3, H, W) -> (N_images, tokens_per_image, D)."""
+        feats = self.vision_tower(pixel_values.to(self.dtype))
+        return self.multi_modal_projector(feats)
+
+    def audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
+        """(N_windows, ...) -> (N_windows, tokens_per_window, D)."""
+        feats = self.audio_tower(input_features.to(self.dtype))
+        return self.audio_projector(feats)
+
+    def embed(self, input_ids, pixel_values=None, input_features=None):
+        """Token embeddings with encoder features scattered in at the placeholder positions (B, T, D)."""
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        for values, token_id, encode, name in (
+            (pixel_values, self.config.image_token_id, self.image_features, "image"),
+            (input_features, self.config.audio_token_id, self.audio_features, "audio"),
+        ):
+            if values is None:
+                continue
+            if (
+                token_id is None
+                or (name == "image" and self.vision_tower is None)
+                or (name == "audio" and self.audio_tower is None)
+            ):
+                raise ConfigError(f"this model has no {name} encoder, but {name} inputs were given")
+            embeds = scatter_features(embeds, input_ids, token_id, encode(values), name)
+        return embeds
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        input_features=None,
+        inputs_embeds=None,
+        position_ids=None,
+        labels=None,
+        cache=None,
+        cache_position=None,
+        kv_len=None,
+        logits_slice=None,
+    ):
+        if inputs_embeds is None and (pixel_values is not None or input_features is not None):
+            inputs_embeds = self.embed(input_ids, pixel_values, input_features)
+        logits = self.language_model(
+            None if inputs_embeds is not None else input_ids,
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            cache,
+            cache_position,
+            kv_len,
+            logits_slice,
+        )
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    # ---- conveniences of the public API --------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.lm_head.weight.device
+
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        max_new_tokens=64,
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
+        eos_token_id=None,
+        seed=None,
+        pixel_values=None,
+        input_features=None,
+        **sampling,
+    ):
+        from ..generation.engine import generate
+
+        return generate(
+            self,
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            seed=seed,
+            pixel_values=pixel_values,
+            input_features=input_features,
+            **sampling,
+        )
+
+    def stream(self, input_ids, **kwargs):
+        """Yield new tokens as (B,) tensors while they are produced."""
+        from ..generation.engine import stream
+
+        return stream(self, input_ids, **kwargs)
+
+    def save_pretrained(self, path):
+        from ..convert.hf import save_pretrained
+
+        save_pretrained(self, path)
+
+    def init_weights(self):
+        init_weights(self, self.config.decoder.initializer_range)
+        return self
+
+
+def scatter_features(embeds, input_ids, token_id, features, name="image"):
+    """Put features (N, n, D) in order into embeds (B, T, D) where input_ids == token_id.
+
+    The placeholders of all rows, read row-major, must number exactly N * n; image k's n features go
+    to the k-th run of n placeholders. Checked before anything is written.
+    """
+    positions = input_ids == token_id  # (B, T)
+    n_slots = int(positions.sum())
+    n_feats = features.shape[0] * features.shape[1]
+    if n_slots != n_feats:
+        raise ConfigError(
+            f"{n_slots} {name} placeholder tokens in the prompt but the {name} inputs give "
+            f"{features.shape[0]} x {features.shape[1]} = {n_feats} features"
+        )
+    out = embeds.clone()
+    out[positions] = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
+    return out
