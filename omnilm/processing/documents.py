@@ -1,0 +1,402 @@
+"""Files in: sniff the kind by content, turn documents into an ordered list of text/image/audio parts.
+
+`load_document(path_or_bytes)` returns parts such as
+    [("text", "Invoice 42 ..."), ("image", <PIL.Image>), ("text", "... total 17")]
+PDF text comes out per page in content-stream order with each embedded image at the point where the
+page draws it; images and audio files are handed on (as their path or bytes) to their processors,
+which apply their own limits. Limits on bytes, pages and embedded-image pixels are checked before
+anything is decoded. Every failure a file can cause is a MediaError naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zlib
+from html.parser import HTMLParser
+from pathlib import Path
+
+from ..errors import MediaError
+
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+MAX_PDF_PAGES = 200
+MAX_EMBEDDED_IMAGE_PIXELS = 4096 * 4096
+
+SUPPORTED_KINDS = (
+    "PDF, images (PNG, JPEG, GIF, WebP, BMP), audio (WAV, FLAC, OGG, MP3), "
+    "and UTF-8 text (plain, Markdown, CSV, JSON, HTML)"
+)
+TEXT_EXTENSIONS = {
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".csv": "csv",
+    ".json": "json",
+    ".html": "html",
+    ".htm": "html",
+}
+
+
+# ---- sniffing -------------------------------------------------------------------------------------
+
+
+def sniff_kind(data: bytes, name: str = "") -> str:
+    """The kind of a file from its bytes: pdf | image | audio | text | markdown | csv | json | html.
+
+    Magic bytes decide binary kinds; the extension only picks the flavour of a file that is already
+    known to be UTF-8 text. Raises MediaError for anything else.
+    """
+    head = data[:16]
+    if data[:1024].lstrip().startswith(b"%PDF-"):
+        return "pdf"
+    if (
+        head.startswith(b"\x89PNG\r\n\x1a\n")
+        or head.startswith(b"\xff\xd8\xff")
+        or head[:6] in (b"GIF87a", b"GIF89a")
+        or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+        or head[:2] == b"BM"
+    ):
+        return "image"
+    if (
+        (head[:4] == b"RIFF" and head[8:12] == b"WAVE")
+        or head[:4] in (b"fLaC", b"OggS")
+        or head[:3] == b"ID3"
+        or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)  # MPEG audio frame sync
+    ):
+        return "audio"
+    text = _decode_text(data)
+    if text is None:
+        raise MediaError(
+            f"{name or 'file'}: unsupported file kind (not a known binary format and not UTF-8 text); supported: {SUPPORTED_KINDS}"
+        )
+    flavour = TEXT_EXTENSIONS.get(Path(name).suffix.lower()) if name else None
+    if flavour:
+        return flavour
+    start = text.lstrip()[:64].lower()
+    if start.startswith("<!doctype html") or start.startswith("<html"):
+        return "html"
+    if start[:1] in ("{", "["):
+        try:
+            json.loads(text)
+            return "json"
+        except ValueError:
+            pass
+    return "text"
+
+
+def _decode_text(data: bytes) -> str | None:
+    if b"\x00" in data:  # NUL bytes: binary, even when they happen to be valid UTF-8
+        return None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+
+
+def read_limited(source, max_bytes: int, what: str = "file") -> tuple[bytes, str]:
+    """(bytes, display name) of a path or bytes, refusing anything over max_bytes before reading it."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, name = bytes(source), f"<{what} bytes>"
+    else:
+        name = os.fspath(source)
+        if not os.path.isfile(name):
+            raise MediaError(f"{name}: no such file")
+        size = os.path.getsize(name)
+        if size > max_bytes:
+            raise MediaError(f"{name}: {size} bytes is over the {max_bytes}-byte limit")
+        with open(name, "rb") as f:
+            data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise MediaError(f"{name}: {len(data)} bytes is over the {max_bytes}-byte limit")
+    if not data:
+        raise MediaError(f"{name}: file is empty")
+    return data, name
+
+
+def load_document(
+    source,
+    *,
+    max_bytes: int = MAX_DOCUMENT_BYTES,
+    max_pages: int = MAX_PDF_PAGES,
+    max_image_pixels: int = MAX_EMBEDDED_IMAGE_PIXELS,
+    password: str | None = None,
+) -> list[tuple[str, object]]:
+    """Parts [("text", str) | ("image", PIL.Image | path | bytes) | ("audio", path | bytes)] of a file."""
+    data, name = read_limited(source, max_bytes, "document")
+    kind = sniff_kind(data, name)
+    # Images and audio are decoded (with their own limits) by their processors, from the original source.
+    passthrough = data if isinstance(source, (bytes, bytearray, memoryview)) else name
+    if kind == "image":
+        return [("image", passthrough)]
+    if kind == "audio":
+        return [("audio", passthrough)]
+    if kind == "pdf":
+        return load_pdf(data, name, max_pages=max_pages, max_image_pixels=max_image_pixels, password=password)
+    text = _decode_text(data)
+    if kind == "html":
+        text = html_to_text(text)
+    return [("text", text)] if text.strip() else []
+
+
+# ---- HTML -----------------------------------------------------------------------------------------
+
+_BLOCK_TAGS = {
+    "p",
+    "div",
+    "br",
+    "li",
+    "tr",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "section",
+    "article",
+    "table",
+    "ul",
+    "ol",
+    "pre",
+    "blockquote",
+    "title",
+}
+
+
+class _TextOnly(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.chunks: list[str] = []
+        self._skip = 0  # depth inside <script>/<style>
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("script", "style", "template", "noscript"):
+            self._skip += 1
+        elif tag in _BLOCK_TAGS:
+            self.chunks.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in ("script", "style", "template", "noscript"):
+            self._skip = max(0, self._skip - 1)
+        elif tag in _BLOCK_TAGS:
+            self.chunks.append("\n")
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.chunks.append(data)
+
+
+def html_to_text(html: str) -> str:
+    parser = _TextOnly()
+    parser.feed(html)
+    parser.close()
+    lines = (" ".join(line.split()) for line in "".join(parser.chunks).splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+# ---- PDF ------------------------------------------------------------------------------------------
+
+
+def load_pdf(
+    data: bytes,
+    name: str = "<pdf>",
+    *,
+    max_pages: int = MAX_PDF_PAGES,
+    max_image_pixels: int = MAX_EMBEDDED_IMAGE_PIXELS,
+    password: str | None = None,
+) -> list[tuple[str, object]]:
+    """Text and embedded images of a PDF, page by page, each image where the page draws it."""
+    from pypdf import PdfReader
+
+    # A cut-off download loses the trailer; pypdf would quietly rebuild what it can, so refuse here.
+    if b"%%EOF" not in data[-4096:]:
+        raise MediaError(f"{name}: truncated PDF (no %%EOF trailer at the end of the file)")
+    try:
+        reader = PdfReader(io.BytesIO(data), strict=False)
+        if reader.is_encrypted:
+            # Many PDFs are encrypted with an empty user password (owner restrictions only).
+            try:
+                ok = reader.decrypt(password or "")
+            except Exception as e:
+                raise MediaError(f"{name}: encrypted PDF that cannot be decrypted here ({e})") from None
+            if not ok:
+                hint = "wrong password" if password else "no password given"
+                raise MediaError(f"{name}: encrypted PDF ({hint})")
+        n_pages = len(reader.pages)
+    except MediaError:
+        raise
+    except Exception as e:
+        raise MediaError(f"{name}: corrupt PDF ({type(e).__name__}: {e})") from None
+    if n_pages > max_pages:
+        raise MediaError(f"{name}: {n_pages} pages is over the {max_pages}-page limit")
+    if n_pages == 0:
+        raise MediaError(f"{name}: PDF has no pages")
+
+    parts: list[tuple[str, object]] = []
+    for index in range(n_pages):
+        try:
+            page_parts = _page_parts(reader.pages[index], max_image_pixels)
+        except MediaError as e:
+            raise MediaError(f"{name}: page {index + 1}: {e}") from None
+        except Exception as e:
+            raise MediaError(f"{name}: corrupt PDF page {index + 1} ({type(e).__name__}: {e})") from None
+        if parts and page_parts:
+            page_parts[0] = _join_first(page_parts[0])
+        parts.extend(page_parts)
+    return _merge_text(parts)
+
+
+def _join_first(part):
+    # Pages are separated by a blank line in the text flow.
+    return ("text", "\n\n" + part[1]) if part[0] == "text" else part
+
+
+def _image_xobjects(page) -> dict[str, object]:
+    """Name -> image XObject stream in the page's resources (form XObjects are searched one level)."""
+    out = {}
+    resources = page.get("/Resources")
+    resources = resources.get_object() if resources is not None else {}
+    xobjects = resources.get("/XObject")
+    if xobjects is None:
+        return out
+    for key, ref in xobjects.get_object().items():
+        obj = ref.get_object()
+        if obj.get("/Subtype") == "/Image":
+            out[str(key)] = obj
+    return out
+
+
+def _page_parts(page, max_image_pixels: int) -> list[tuple[str, object]]:
+    images = _image_xobjects(page)
+    # Check sizes from the XObject headers before decoding any pixels.
+    for key, obj in images.items():
+        w, h = int(obj.get("/Width", 0)), int(obj.get("/Height", 0))
+        if w * h > max_image_pixels:
+            raise MediaError(f"embedded image {key} is {w}x{h}, over the {max_image_pixels}-pixel limit")
+
+    events: list[tuple[str, object]] = []
+
+    def on_text(text, *_):
+        if text:
+            events.append(("text", text))
+
+    def after_op(op, operands, *_):
+        # After "Do", pypdf has flushed the text drawn before it, so this keeps the page's flow order.
+        if op == b"Do" and operands and str(operands[0]) in images:
+            events.append(("image_ref", str(operands[0])))
+
+    page.extract_text(visitor_text=on_text, visitor_operand_after=after_op)
+
+    parts: list[tuple[str, object]] = []
+    placed = set()
+    for kind, value in events:
+        if kind == "image_ref":
+            if value in placed:  # the same XObject drawn twice is one image for the model
+                continue
+            placed.add(value)
+            parts.append(("image", _decode_image(images[value], value)))
+        else:
+            parts.append((kind, value))
+    # Images drawn only inside form XObjects go after the page text rather than being lost.
+    for key, obj in images.items():
+        if key not in placed:
+            parts.append(("image", _decode_image(obj, key)))
+    return _merge_text(parts)
+
+
+def _decode_image(obj, key: str):
+    try:
+        return obj.decode_as_image()
+    except Exception as e:
+        raise MediaError(f"embedded image {key} cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def _merge_text(parts):
+    out = []
+    for kind, value in parts:
+        if kind == "text" and out and out[-1][0] == "text":
+            out[-1] = ("text", out[-1][1] + value)
+        else:
+            out.append((kind, value))
+    out = [(k, v.strip("\n") if k == "text" else v) for k, v in out]
+    return [(k, v) for k, v in out if k != "text" or v.strip()]
+
+
+# ---- a small PDF writer (tests and the demo generate documents; no reportlab needed) --------------
+
+
+def build_pdf(pages, page_size=(612, 792), font_size=12, image_size=96) -> bytes:
+    """A PDF whose pages hold the given items top to bottom.
+
+    `pages` is a list of pages, each a list of ("text", str) or ("image", PIL.Image) items. Text uses
+    the standard Helvetica font (one line per item, WinAnsi characters); images are stored as
+    Flate-compressed RGB and drawn `image_size` points wide.
+    """
+    objects: list[bytes] = []
+
+    def add(body: bytes) -> int:
+        objects.append(body)
+        return len(objects)  # object numbers start at 1
+
+    catalog = add(b"")  # filled in below, once the page tree exists
+    pages_obj = add(b"")
+    font = add(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>")
+    page_ids = []
+    width, height = page_size
+    for items in pages:
+        xobjects, ops = [], []
+        y = height - 72
+        for kind, value in items:
+            if kind == "text":
+                y -= font_size * 1.5
+                ops.append(b"BT /F1 %d Tf 72 %.1f Td (%s) Tj ET" % (font_size, y, _pdf_string(value)))
+            elif kind == "image":
+                img = value.convert("RGB")
+                stream = zlib.compress(img.tobytes())
+                num = add(
+                    b"<< /Type /XObject /Subtype /Image /Width %d /Height %d /ColorSpace /DeviceRGB "
+                    b"/BitsPerComponent 8 /Filter /FlateDecode /Length %d >>\nstream\n%s\nendstream"
+                    % (img.width, img.height, len(stream), stream)
+                )
+                name = b"Im%d" % len(xobjects)
+                xobjects.append(b"/%s %d 0 R" % (name, num))
+                draw_h = image_size * img.height / img.width
+                y -= draw_h + 6
+                ops.append(b"q %d 0 0 %.1f 72 %.1f cm /%s Do Q" % (image_size, draw_h, y, name))
+            else:
+                raise ValueError(f"build_pdf: unknown item kind {kind!r}")
+        content = b"\n".join(ops)
+        content_id = add(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(content), content))
+        resources = b"<< /Font << /F1 %d 0 R >> /XObject << %s >> >>" % (font, b" ".join(xobjects))
+        page_ids.append(
+            add(
+                b"<< /Type /Page /Parent %d 0 R /MediaBox [0 0 %d %d] /Resources %s /Contents %d 0 R >>"
+                % (pages_obj, width, height, resources, content_id)
+            )
+        )
+    objects[catalog - 1] = b"<< /Type /Catalog /Pages %d 0 R >>" % pages_obj
+    kids = b" ".join(b"%d 0 R" % p for p in page_ids)
+    objects[pages_obj - 1] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, len(page_ids))
+
+    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for i, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (i, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % off for off in offsets)
+    out += b"trailer\n<< /Size %d /Root %d 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        catalog,
+        xref,
+    )
+    return bytes(out)
+
+
+def _pdf_string(text: str) -> bytes:
+    raw = text.encode("cp1252", errors="replace")
+    return raw.replace(b"\\", b"\\\\").replace(b"(", b"\\(").replace(b")", b"\\)")
