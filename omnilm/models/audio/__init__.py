@@ -1,0 +1,35 @@
+"""Audio encoders behind one interface, plus the projector to the decoder width.
+
+`build_audio_tower(cfg)` gives a module mapping one batch of windows to encoder frames (N, frames, D):
+Whisper takes log-mel features (N, n_mels, 3000) made by `LogMel`; wav2vec2 takes the raw 16 kHz
+waveform (N, samples). `build_audio_projector` stacks `cfg.projector_stack` frames per decoder token.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...config import AudioConfig
+from ..projector import FrameStackProjector
+from .logmel import LogMel, mel_filter_bank
+from .wav2vec2 import Wav2Vec2Encoder
+from .whisper import WhisperEncoder
+
+__all__ = [
+    "LogMel",
+    "Wav2Vec2Encoder",
+    "WhisperEncoder",
+    "build_audio_projector",
+    "build_audio_tower",
+    "mel_filter_bank",
+]
+
+
+def build_audio_tower(cfg: AudioConfig) -> nn.Module:
+    if cfg.kind == "whisper":
+        return WhisperEncoder(cfg)
+    return Wav2Vec2Encoder(cfg)  # AudioConfig validated kind
+
+
+def build_audio_projector(cfg: AudioConfig, decoder_hidden: int) -> FrameStackProjector:
+    return FrameStackProjector(cfg.hidden_size, decoder_hidden, stack=cfg.projector_stack)
