@@ -1,0 +1,164 @@
+"""The `omnilm` command: a thin table of subcommands over the library.
+
+Every user error (an OmniLMError) becomes one line `error: ...` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import OmniLMError
+
+
+def cmd_plan(args):
+    from .plan import format_plan, plan_preset
+
+    p = plan_preset(args.preset, seq_len=args.seq_len, tokens=args.tokens, gpus=args.gpus, mfu=args.mfu)
+    print(json.dumps(p) if args.json else format_plan(p))
+
+
+def cmd_generate(args):
+    from .generation.cli import run_generate
+
+    run_generate(args)
+
+
+def cmd_compose(args):
+    from .convert.compose import compose
+
+    compose(args.text, vision=args.vision, audio=args.audio, out=args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_convert(args):
+    import omnilm
+
+    model = omnilm.load(args.model, dtype=args.dtype)
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out} ({type(model).__name__}, format {model.hf_format})")
+
+
+def cmd_train(args):
+    from .training.loop import cmd_train as run
+
+    run(args)
+
+
+def cmd_demo(args):
+    from .demo import cmd_demo as run
+
+    run(args)
+
+
+def cmd_tokenizer_train(args):
+    from .tokenizers.text import cmd_tokenizer_train as run
+
+    run(args)
+
+
+def _positive_int(s):
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are user errors too: one line, exit code 2 (argparse would print the usage first)."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="omnilm", description="Multimodal decoder-only language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("plan", help="size a preset exactly: parameters, memory, KV cache, FLOPs, GPU-days")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seq-len", type=_positive_int, default=None)
+    p.add_argument(
+        "--tokens", type=float, default=2e12, help="training tokens (default: the 88B design's 2T)"
+    )
+    p.add_argument("--gpus", type=_positive_int, default=8)
+    p.add_argument("--mfu", type=float, default=0.4)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("generate", help="generate text (and images/audio) from a prompt with media")
+    p.add_argument("--model", required=True, help="model directory, or 'demo' for the bundled checkpoint")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--image", action="append", default=[])
+    p.add_argument("--audio", action="append", default=[])
+    p.add_argument("--file", action="append", default=[])
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--output-image", default=None)
+    p.add_argument("--output-audio", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compose", help="build one multimodal checkpoint from pretrained parts")
+    p.add_argument("--text", required=True, help="Llama directory (Hugging Face format)")
+    p.add_argument("--vision", default=None, help="SigLIP/CLIP vision directory")
+    p.add_argument("--audio", default=None, help="Whisper/wav2vec2 directory")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser(
+        "convert", help="load a checkpoint and write it back (Hugging Face format where one exists)"
+    )
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="train from a YAML config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", default=None)
+    p.add_argument("--max-steps", type=_positive_int, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="train and evaluate the tiny multimodal demo model offline")
+    p.add_argument("--quick", action="store_true", help="a reduced run for tests")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("tokenizer", help="train tokenizers")
+    tok = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
+    t = tok.add_parser("train", help="train a byte-level BPE text tokenizer")
+    t.add_argument("--input", nargs="+", required=True)
+    t.add_argument("--vocab-size", type=_positive_int, required=True)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_tokenizer_train)
+    # [tokenizer subcommands]
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except OmniLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `omnilm ... | head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
