@@ -8,6 +8,8 @@ stop, never to predict the prompt. Content is a string or a list of parts:
     {"type": "text", "text": ...}   {"type": "image", "image": path|bytes|PIL.Image}
     {"type": "audio", "audio": path|bytes}   {"type": "file", "file": path|bytes}
     {"type": "tokens", "ids": [...]}   (trusted ids from code, e.g. discrete image codes)
+An image/audio part without a source is kept as (kind, None) in the media list; the processor fills it
+from its `images=` / `audio=` arguments, in order.
 Text (typed or read from a file) is encoded with special tokens not parsed; each image or audio part
 becomes ONE marker id (<|image|> / <|audio|>), which the multimodal processor expands to the number of
 placeholders its encoder yields. Files are read with omnilm.processing.documents.
@@ -80,11 +82,9 @@ def _content_ids(content, tokenizer: TextTokenizer, media: list, where: str, loa
             out += [int(t) for t in part["ids"]]
         elif kind in MEDIA_KEYS:
             source = next((part[k] for k in MEDIA_KEYS[kind] if k in part), None)
-            if source is None:
-                raise ConfigError(
-                    f"{where}.content[{j}] of type {kind!r} needs a {MEDIA_KEYS[kind][0]!r} key"
-                )
             if kind == "file":
+                if source is None:
+                    raise ConfigError(f"{where}.content[{j}] of type 'file' needs a 'file' key")
                 out += _file_ids(source, tokenizer, media, load_file)
             else:
                 out.append(_marker(tokenizer, kind))
