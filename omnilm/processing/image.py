@@ -77,7 +77,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         # 16-bit grayscale (Pillow opens 16-bit PNG gray as I;16 or I): 0..65535 -> 0..255
         a = np.asarray(img, dtype=np.float64)
         a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
+        return Image.fromarray(a).convert("RGB")  # (H, W) uint8 -> L
     has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
         img.mode == "P" and "transparency" in img.info
     )
