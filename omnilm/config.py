@@ -117,8 +117,8 @@ class VisionConfig:
             raise ConfigError(f"vision feature_select must be 'full' or 'default', got {self.feature_select!r}")
         if min(self.image_size, self.patch_size, self.hidden_size, self.num_layers, self.num_heads, self.pixel_shuffle) <= 0:
             raise ConfigError("vision sizes must be positive")
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.image_size < self.patch_size:
+            raise ConfigError(f"vision image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         for layer in self.feature_layers:
@@ -140,6 +140,7 @@ class VisionConfig:
 
     @property
     def num_patches(self) -> int:
+        # the patch conv floors: SigLIP-so400m's 384 px / patch 14 gives a 27 x 27 grid
         return (self.image_size // self.patch_size) ** 2
 
     @property
