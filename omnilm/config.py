@@ -246,6 +246,83 @@ class AudioConfig:
 
 @register_config
 @dataclass
+class DiscreteConfig:
+    """Early fusion (omnilm/models/discrete.py): one vocabulary laid out [text | image codes | audio codes].
+
+    Ids [0, text_vocab_size) are text (the decoder's own table and lm_head), then image_vocab_size VQ
+    codes from image_offset, then audio_vocab_size codec codes from audio_offset; each modality has its
+    own embedding table and output head, and a learned modality embedding is added at every position.
+    An image is image_grid^2 codes in row-major order between the text tokens image_start_id and
+    image_end_id; an audio span is audio_frames codec frames, each frame's audio_codebooks residual
+    codes consecutive (level 0 first), between audio_start_id and audio_end_id. The marker defaults
+    are the ids of OmniLM's default tokenizer (omnilm/tokenizers/text.py).
+    """
+
+    text_vocab_size: int = 2048  # must equal decoder.vocab_size
+    image_vocab_size: int = 512  # the VQ codebook size; 0: no image modality
+    audio_vocab_size: int = 0  # the codec codebook size; 0: no audio modality
+    image_grid: int = 8  # codes per side of the VQ grid (ImageVQConfig.grid_size)
+    audio_codebooks: int = 1  # residual codebooks per codec frame (AudioCodecConfig.n_q)
+    audio_frames: int = 0  # codec frames per audio span
+    image_start_id: int = 8
+    image_end_id: int = 9
+    audio_start_id: int = 10
+    audio_end_id: int = 11
+    text_loss_weight: float = 1.0
+    image_loss_weight: float = 1.0
+    audio_loss_weight: float = 1.0
+    image_tokenizer: typing.Any = None  # optional ImageVQConfig the codes come from (checked against the sizes)
+    audio_tokenizer: typing.Any = None  # optional AudioCodecConfig
+    image_offset: int | None = None  # derived: text_vocab_size
+    audio_offset: int | None = None  # derived: image_offset + image_vocab_size
+
+    def __post_init__(self):
+        if isinstance(self.image_tokenizer, dict):
+            self.image_tokenizer = from_dict(ImageVQConfig, self.image_tokenizer)
+        if isinstance(self.audio_tokenizer, dict):
+            self.audio_tokenizer = from_dict(AudioCodecConfig, self.audio_tokenizer)
+        if self.text_vocab_size <= 0 or min(self.image_vocab_size, self.audio_vocab_size) < 0:
+            raise ConfigError("DiscreteConfig vocab sizes must be positive (text) or >= 0 (image, audio)")
+        if self.image_vocab_size and self.image_grid <= 0:
+            raise ConfigError(f"DiscreteConfig.image_grid must be positive, got {self.image_grid}")
+        if self.audio_vocab_size and (self.audio_codebooks <= 0 or self.audio_frames <= 0):
+            raise ConfigError(f"DiscreteConfig with audio needs positive audio_codebooks and audio_frames, got "
+                              f"{self.audio_codebooks} and {self.audio_frames}")
+        for name in ("image_start_id", "image_end_id", "audio_start_id", "audio_end_id"):
+            if not 0 <= getattr(self, name) < self.text_vocab_size:
+                raise ConfigError(f"DiscreteConfig.{name} {getattr(self, name)} is not a text id "
+                                  f"(text_vocab_size {self.text_vocab_size})")
+        if min(self.text_loss_weight, self.image_loss_weight, self.audio_loss_weight) < 0:
+            raise ConfigError("DiscreteConfig loss weights must be >= 0")
+        vq = self.image_tokenizer
+        if vq is not None and (vq.codebook_size != self.image_vocab_size or vq.grid_size != self.image_grid):
+            raise ConfigError(f"DiscreteConfig image_vocab_size {self.image_vocab_size} / image_grid {self.image_grid} "
+                              f"do not match the image tokenizer's codebook_size {vq.codebook_size} / grid_size "
+                              f"{vq.grid_size}")
+        codec = self.audio_tokenizer
+        if codec is not None and (codec.codebook_size != self.audio_vocab_size or codec.n_q != self.audio_codebooks):
+            raise ConfigError(f"DiscreteConfig audio_vocab_size {self.audio_vocab_size} / audio_codebooks "
+                              f"{self.audio_codebooks} do not match the audio codec's codebook_size "
+                              f"{codec.codebook_size} / n_q {codec.n_q}")
+        self.image_offset = self.text_vocab_size
+        self.audio_offset = self.image_offset + self.image_vocab_size
+
+    @property
+    def vocab_size(self) -> int:
+        """The whole concatenated vocabulary the model's logits cover."""
+        return self.audio_offset + self.audio_vocab_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.image_grid * self.image_grid if self.image_vocab_size else 0
+
+    @property
+    def tokens_per_audio(self) -> int:
+        return self.audio_frames * self.audio_codebooks if self.audio_vocab_size else 0
+
+
+@register_config
+@dataclass
 class ImageVQConfig:
     """VQ-VAE image tokenizer (omnilm/models/vq/image_vqvae.py): image_size^2 pixels -> grid_size^2 codes."""
 

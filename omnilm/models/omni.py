@@ -1,6 +1,8 @@
-"""The composite model: decoder + optional encoders and projectors (+ discrete heads, added by the
-discrete path). Continuous fusion scatters projected encoder features into the token embeddings at
-the placeholder ids the processor put in the prompt.
+"""The composite model: decoder + optional encoders and projectors + optional discrete modalities.
+Continuous fusion scatters projected encoder features into the token embeddings at the placeholder
+ids the processor put in the prompt; discrete fusion (`discrete`, omnilm/models/discrete.py) reads
+and writes image/audio codes as tokens with their own tables and heads. Both can be on at once (a
+SigLIP tower to understand images, VQ codes to generate them).
 
 Submodule names follow LLaVA (`language_model`, `vision_tower`, `multi_modal_projector`) so its
 checkpoints convert by prefix.
@@ -8,12 +10,19 @@ checkpoints convert by prefix.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .decoder import CausalLM, CausalLMOutput, init_weights
+
+
+@dataclass
+class OmniOutput(CausalLMOutput):
+    losses: dict[str, torch.Tensor] | None = None  # per-modality losses of a discrete model
 
 
 class OmniModel(nn.Module):
@@ -33,6 +42,16 @@ class OmniModel(nn.Module):
 
             self.audio_tower = build_audio_tower(cfg.audio)
             self.audio_projector = build_audio_projector(cfg.audio, cfg.decoder.hidden_size)
+        self.discrete = None
+        if cfg.discrete is not None:
+            from .discrete import DiscreteModalities
+
+            if cfg.discrete.text_vocab_size != cfg.decoder.vocab_size:
+                raise ConfigError(
+                    f"discrete.text_vocab_size {cfg.discrete.text_vocab_size} must equal decoder.vocab_size "
+                    f"{cfg.decoder.vocab_size} (image codes start right after the text ids)"
+                )
+            self.discrete = DiscreteModalities(cfg.discrete, cfg.decoder.hidden_size)
         self.hf_format = "llama"  # how save_pretrained writes this model; set by loaders
 
     # ---- fusion -----------------------------------------------------------------------------------
@@ -49,7 +68,10 @@ class OmniModel(nn.Module):
 
     def embed(self, input_ids, pixel_values=None, input_features=None):
         """Token embeddings with encoder features scattered in at the placeholder positions (B, T, D)."""
-        embeds = self.language_model.model.embed_tokens(input_ids)
+        if self.discrete is not None:
+            embeds = self.discrete.embed(input_ids, self.language_model.model.embed_tokens)
+        else:
+            embeds = self.language_model.model.embed_tokens(input_ids)
         for values, token_id, encode, name in (
             (pixel_values, self.config.image_token_id, self.image_features, "image"),
             (input_features, self.config.audio_token_id, self.audio_features, "audio"),
@@ -79,8 +101,21 @@ class OmniModel(nn.Module):
         kv_len=None,
         logits_slice=None,
     ):
-        if inputs_embeds is None and (pixel_values is not None or input_features is not None):
+        if inputs_embeds is None and (
+            pixel_values is not None or input_features is not None or self.discrete is not None
+        ):
             inputs_embeds = self.embed(input_ids, pixel_values, input_features)
+        if self.discrete is not None:
+            return self._forward_discrete(
+                inputs_embeds,
+                attention_mask,
+                position_ids,
+                labels,
+                cache,
+                cache_position,
+                kv_len,
+                logits_slice,
+            )
         logits = self.language_model(
             None if inputs_embeds is not None else input_ids,
             inputs_embeds,
@@ -97,6 +132,20 @@ class OmniModel(nn.Module):
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
         return CausalLMOutput(logits=logits, loss=loss)
+
+    def _forward_discrete(
+        self, inputs_embeds, attention_mask, position_ids, labels, cache, cache_position, kv_len, logits_slice
+    ):
+        """Decoder hidden states through every modality's head; loss by the target's modality."""
+        lm = self.language_model
+        h = lm.model(None, inputs_embeds, attention_mask, position_ids, cache, cache_position, kv_len)
+        if logits_slice is not None:
+            h = h[:, logits_slice]
+        logits = self.discrete.logits(h, lm.lm_head)  # (B, T, V_text + V_image + V_audio)
+        loss = losses = None
+        if labels is not None:
+            loss, losses = self.discrete.loss(logits, labels)
+        return OmniOutput(logits=logits, loss=loss, losses=losses)
 
     # ---- conveniences of the public API --------------------------------------------------------------
 
@@ -122,7 +171,10 @@ class OmniModel(nn.Module):
         input_features=None,
         **sampling,
     ):
-        from ..generation.engine import generate
+        if self.discrete is not None:  # modality spans and guidance
+            from ..generation.spans import generate
+        else:
+            from ..generation.engine import generate
 
         return generate(
             self,
@@ -141,7 +193,10 @@ class OmniModel(nn.Module):
 
     def stream(self, input_ids, **kwargs):
         """Yield new tokens as (B,) tensors while they are produced."""
-        from ..generation.engine import stream
+        if self.discrete is not None:
+            from ..generation.spans import stream
+        else:
+            from ..generation.engine import stream
 
         return stream(self, input_ids, **kwargs)
 
