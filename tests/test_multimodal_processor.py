@@ -194,6 +194,7 @@ def test_pdf_file_in_prompt(proc, tok, tmp_path):
 def test_save_and_load_round_trip(proc, tmp_path):
     proc.save_pretrained(tmp_path)
     again = load_processor(tmp_path)
+    assert again.prompt_format == "plain"
     assert (again.tokens_per_image, again.tokens_per_audio_window) == (TOKENS_PER_IMAGE, TOKENS_PER_WINDOW)
     kwargs = dict(text="<|image|>a<|audio|>", images=[_image(10)], audio=[_tone(1.5, 770.0)])
     a, b = proc(**kwargs), again(**kwargs)

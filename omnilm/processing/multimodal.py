@@ -39,7 +39,11 @@ class Processor:
         tokens_per_audio_window: int | None = None,
         image_token_id: int | None = None,
         audio_token_id: int | None = None,
+        prompt_format: str = "plain",
     ):
+        if prompt_format not in ("plain", "chat"):
+            raise ConfigError(f"prompt_format must be 'plain' or 'chat', got {prompt_format!r}")
+        self.prompt_format = prompt_format  # how the model was trained to read prompts (the CLI follows it)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.audio_processor = audio_processor
@@ -295,6 +299,7 @@ class Processor:
             "tokens_per_audio_window": self.tokens_per_audio_window,
             "image_token_id": self.image_token_id,
             "audio_token_id": self.audio_token_id,
+            "prompt_format": self.prompt_format,
         }
         (path / PROCESSOR_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -394,4 +399,5 @@ def load_processor(path) -> Processor:
         tokens_per_audio_window=tokens_per_window,
         image_token_id=meta.get("image_token_id", image_token_id),
         audio_token_id=meta.get("audio_token_id", audio_token_id),
+        prompt_format=meta.get("prompt_format", "plain"),
     )
