@@ -298,3 +298,14 @@ def test_processor_output_runs_through_the_model(tok):
     torch.testing.assert_close(logits[:, :start], other[:, :start])
     assert not torch.allclose(logits[:, start:], other[:, start:])
     assert json.dumps(proc.tokens_per_image) == "16"
+
+
+def test_encode_media_matches_the_batch_path(proc, tok):
+    img, clip = _image(15), _tone(2.2, 1477.0)
+    ids, pixels = proc.encode_media("image", img)
+    assert ids == [tok.image_token_id] * TOKENS_PER_IMAGE
+    torch.testing.assert_close(pixels, proc(images=[img])["pixel_values"][0], rtol=0, atol=0)
+    ids, feats = proc.encode_media("audio", clip)
+    assert ids == [tok.audio_token_id] * (3 * TOKENS_PER_WINDOW) and feats.shape[0] == 3
+    with pytest.raises(ConfigError, match="unknown media kind"):
+        proc.encode_media("video", "v.mp4")

@@ -218,6 +218,16 @@ class Processor:
         out = self.audio_processor(sources, sampling_rate=sampling_rate)
         return out["input_features"], out["windows_per_clip"]
 
+    def encode_media(self, kind: str, source, sampling_rate: int = 16000):
+        """One medium -> (placeholder ids, tensor): an image gives (3, H, W), a clip its windows (n, ...)."""
+        if kind == "image":
+            pixels = self._images([source])  # (1, 3, H, W)
+            return [self._marker_id("image")] * self._tokens_per_image(), pixels[0]
+        if kind == "audio":
+            features, windows = self._audio([source], sampling_rate)  # (n_windows, ...)
+            return [self._marker_id("audio")] * (windows[0] * self._tokens_per_window()), features
+        raise ConfigError(f"unknown media kind {kind!r}; expected 'image' or 'audio'")
+
     # ---- placeholders -----------------------------------------------------------------------------
 
     def expand(self, rows, masks=None, windows_per_clip=()):
