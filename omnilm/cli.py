@@ -20,9 +20,81 @@ def cmd_plan(args):
 
 
 def cmd_generate(args):
-    from .generation.cli import run_generate
+    import omnilm
 
-    run_generate(args)
+    model = omnilm.load(args.model, device=args.device, dtype=args.dtype)
+    processor = omnilm.load_processor(args.model)
+    batch = _prompt_batch(args, processor, omnilm._resolve(args.model))
+    tok = processor.tokenizer
+    eos = [i for i in (tok.eos_token_id, tok.eot_token_id) if i is not None]
+    settings = dict(
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        input_features=batch["input_features"],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_token_id=eos or None,
+    )
+    ids = batch["input_ids"]
+    if args.stream:
+        new = _print_stream(model.stream(ids, **settings), tok)
+    else:
+        new = model.generate(ids, **settings)[0, ids.shape[1] :].tolist()
+        print(tok.decode(new))
+    if args.output_image or args.output_audio:
+        _write_media(model, args, ids[0].tolist() + new)
+
+
+def _prompt_batch(args, processor, model_dir):
+    """The prompt as the model was trained to read it: plain text, or the chat template when the
+    model's processor_config.json says `"prompt_format": "chat"`."""
+    meta_file = model_dir / "processor_config.json"
+    fmt = json.loads(meta_file.read_text()).get("prompt_format", "plain") if meta_file.is_file() else "plain"
+    images, audio, files = args.image or None, args.audio or None, args.file or None
+    if fmt != "chat":
+        return processor(text=args.prompt, images=images, audio=audio, files=files)
+    parts = [{"type": "image"} for _ in args.image] + [{"type": "audio"} for _ in args.audio]
+    parts += [{"type": "file", "file": f} for f in args.file] + [{"type": "text", "text": args.prompt}]
+    return processor(messages=[{"role": "user", "content": parts}], images=images, audio=audio)
+
+
+def _print_stream(tokens, tok) -> list[int]:
+    """Print text as tokens arrive: decode the growing sequence and print the new suffix, holding
+    back a trailing partial UTF-8 character (decoded as U+FFFD) until it completes."""
+    new, shown = [], ""
+    for t in tokens:
+        new.append(int(t[0]))
+        text = tok.decode(new)
+        if text.endswith("\ufffd"):
+            continue
+        print(text[len(shown) :], end="", flush=True)
+        shown = text
+    print(tok.decode(new)[len(shown) :], flush=True)
+    return new
+
+
+def _write_media(model, args, ids):
+    from .models.discrete import decode_media
+
+    images, waves = decode_media(model, ids)
+    if args.output_image:
+        if not images:
+            raise OmniLMError(
+                "--output-image: the model generated no image span (try a prompt that asks for one)"
+            )
+        images[0].save(args.output_image)
+        print(f"wrote {args.output_image}")
+    if args.output_audio:
+        if not waves:
+            raise OmniLMError("--output-audio: the model generated no audio span")
+        import soundfile
+
+        wave, rate = waves[0]
+        soundfile.write(args.output_audio, wave, rate)
+        print(f"wrote {args.output_audio}")
 
 
 def cmd_compose(args):
