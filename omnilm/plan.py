@@ -21,6 +21,7 @@ from .config import ModelConfig, get_preset
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM dense bf16 peak, NVIDIA datasheet
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "fp4": 0.5 + 1 / 16}
+DEFAULT_TRAIN_SEQ = 8192  # the 88B design's training sequence length; long-context presets train shorter
 ADAMW_BYTES = {"weights": 4, "grads": 4, "adam_moments": 8}
 
 
@@ -30,7 +31,16 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
 
     with torch.device("meta"):
         model = OmniModel(cfg)
-    groups = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0, "head": 0, "encoders": 0, "other": 0}
+    groups = {
+        "embeddings": 0,
+        "attention": 0,
+        "mlp": 0,
+        "norms": 0,
+        "head": 0,
+        "encoders": 0,
+        "discrete": 0,
+        "other": 0,
+    }
     seen = set()
     for name, p in model.named_parameters():
         if id(p) in seen:
@@ -42,6 +52,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
 
 
 def _group(name: str) -> str:
+    if name.startswith("discrete."):  # image/audio tables and heads, modality embedding
+        return "discrete"
     if not name.startswith("language_model."):
         return "encoders" if any(t in name for t in ("tower", "projector")) else "other"
     if "embed_tokens" in name:
@@ -61,7 +73,7 @@ def plan(
     cfg: ModelConfig, seq_len: int | None = None, tokens: float = 2e12, gpus: int = 8, mfu: float = 0.4
 ) -> dict:
     d = cfg.decoder
-    seq_len = seq_len or d.max_seq_len
+    seq_len = seq_len or min(d.max_seq_len, DEFAULT_TRAIN_SEQ)
     params = count_params(cfg)
     n = params["total"]
     n_matmul = n - (params["embeddings"] if not d.tie_embeddings else 0)
@@ -76,7 +88,8 @@ def plan(
         "params_breakdown": params,
         "weight_bytes": {k: int(math.ceil(n * v)) for k, v in BYTES_PER_PARAM.items()},
         "kv_bytes_per_token": kv_per_token,
-        "kv_bytes_full_context": kv_per_token * seq_len,
+        "kv_bytes_full_context": kv_per_token * d.max_seq_len,
+        "context": d.max_seq_len,
         "seq_len": seq_len,
         "train_memory_bytes": {**train_total, "total": sum(train_total.values())},
         "train_memory_bytes_per_gpu": sum(train_total.values()) // gpus,
