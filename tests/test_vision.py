@@ -273,6 +273,42 @@ def test_vision_config_from_hf_llava_defaults():
         vision_config_from_hf({"model_type": "dinov2"})
 
 
+def test_llava_hub_style_sparse_config():
+    """llava-hf/llava-1.5-7b-hf's config.json lists only what differs from the transformers defaults."""
+    from omnilm.convert.vision import llava_model_config
+
+    d = {
+        "model_type": "llava",
+        "image_token_index": 32000,
+        "vision_feature_layer": -2,
+        "text_config": {
+            "model_type": "llama",
+            "vocab_size": 32064,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": 1024,
+            "image_size": 336,
+            "patch_size": 14,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 24,
+        },
+    }
+    cfg = llava_model_config(d, has_head=False)
+    dec = cfg.decoder
+    assert (dec.vocab_size, dec.hidden_size, dec.num_layers, dec.intermediate_size, dec.rope_theta) == (
+        32064,
+        4096,
+        32,
+        11008,
+        10000.0,
+    )
+    assert cfg.image_token_id == 32000 and cfg.vision.tokens_per_image == 576 and not dec.tie_embeddings
+
+
 def test_pixel_shuffle_model_builds_and_runs():
     from omnilm.config import DecoderConfig
 

@@ -186,6 +186,19 @@ def load_vision_encoder(path, hf_config: dict, device=None, dtype=None):
 
 # ---- LLaVA -------------------------------------------------------------------------------------------------
 
+# transformers' LlamaConfig defaults
+_LLAMA_DEFAULTS = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+
 _NEW_LAYOUT = (  # transformers 5 runtime names -> OmniModel names (which are the Hub layout)
     ("model.language_model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
@@ -219,11 +232,10 @@ def llava_model_config(hf_config: dict, has_head: bool) -> ModelConfig:
             f"config.json: llava text_config model_type {text.get('model_type')!r} is not supported "
             "(expected 'llama')"
         )
+    # Hub LLaVA configs list only what differs from LlamaConfig's defaults (llava-1.5: vocab and context)
+    text = {**_LLAMA_DEFAULTS, **{k: v for k, v in text.items() if v is not None}}
     # the tie flag of a composite model lives at the top level (transformers ties lm_head by it)
-    text = {
-        **text,
-        "tie_word_embeddings": hf_config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)),
-    }
+    text["tie_word_embeddings"] = hf_config.get("tie_word_embeddings", text["tie_word_embeddings"])
     vision = vision_config_from_hf(hf_config)
     vision = dataclasses.replace(vision, use_head=vision.kind == "siglip" and has_head)
     image_token_id = hf_config.get("image_token_id", hf_config.get("image_token_index"))
