@@ -152,7 +152,7 @@ def format_plan(p: dict) -> str:
     lines += [
         "",
         f"KV cache (bf16)  {p['kv_bytes_per_token']:,} B/token; {p['kv_bytes_full_context'] / gib:.3f} GiB "
-        f"per sequence of {p['seq_len']:,} tokens",
+        f"per full context of {p['context']:,} tokens",
         "",
         "training memory with AdamW (fp32 master weights, grads, 2 moments; activations excluded)",
     ]
