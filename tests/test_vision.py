@@ -331,3 +331,13 @@ def test_pixel_shuffle_model_builds_and_runs():
     ids = torch.tensor([[1, 2] + [63] * n + [3]])
     out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32)).logits
     assert out.shape == (1, 3 + n, 64) and torch.isfinite(out).all()
+
+
+def test_llava_greedy_generate_matches_transformers(tmp_path):
+    hf = save_llava(tmp_path, "clip", seed=3)
+    model = omnilm.load(tmp_path)
+    ids = prompt(model.config.vision.tokens_per_image, 2)
+    pixels = torch.randn(2, 3, 32, 32)
+    ref = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False)
+    out = model.generate(ids, pixel_values=pixels, max_new_tokens=8)
+    assert out.tolist() == ref.tolist()
