@@ -1,0 +1,341 @@
+"""The training loop: an explicit loop, no framework.
+
+Order of assembly (torchtitan's): build the model (fp32 master weights) -> freeze / LoRA ->
+activation checkpointing per block -> torch.compile per block -> FSDP2 per block then the root ->
+optimizer and schedule -> restore a checkpoint. Each step takes one global batch (rows split across
+processes, then into micro-batches), sums the token losses, divides by the global number of learned
+tokens (so the loss does not depend on how the batch is split), clips, and steps; a non-finite loss or
+gradient norm skips the update, and `max_bad_steps` of them in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..config import PRESETS
+from ..errors import ConfigError, OmniLMError
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, load_train_config
+from .data import IGNORE, ResumableLoader, load_samples, pack
+from .optim import build_optimizer, build_scheduler, freeze
+
+# dense bf16 peak of the GPUs MFU is reported for (vendor datasheets, without sparsity)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+# ---- assembly -------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, device):
+    """A preset with fresh weights (seeded), or a model directory; fp32 master weights, train mode."""
+    import omnilm
+
+    if cfg.model in PRESETS:
+        model = omnilm.build(cfg.model, seed=cfg.seed)
+    else:
+        path = cfg.resolve(cfg.model)
+        if not path.is_dir():
+            raise ConfigError(
+                f"model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor a directory"
+            )
+        model = omnilm.load(path, dtype=torch.float32)
+    return model.to(device=device, dtype=torch.float32).train()
+
+
+def load_tokenizer(cfg: TrainConfig, vocab_size: int):
+    from ..tokenizers.text import TextTokenizer
+
+    if cfg.tokenizer is not None:
+        tok = TextTokenizer.from_dir(cfg.resolve(cfg.tokenizer))
+    elif cfg.model not in PRESETS and (cfg.resolve(cfg.model) / "tokenizer.json").is_file():
+        tok = TextTokenizer.from_dir(cfg.resolve(cfg.model))
+    else:
+        tok = TextTokenizer.default()
+    if tok.vocab_size > vocab_size:
+        raise ConfigError(
+            f"tokenizer {tok.source} has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}"
+        )
+    return tok
+
+
+def load_processor(cfg: TrainConfig, model):
+    """The multimodal processor of a model with encoders (None for text-only models)."""
+    if model.vision_tower is None and model.audio_tower is None:
+        return None
+    try:
+        import omnilm
+
+        return omnilm.load_processor(cfg.resolve(cfg.model) if cfg.model not in PRESETS else cfg.model)
+    except (ImportError, OmniLMError):
+        return None  # media samples then fail with a ConfigError naming the sample
+
+
+def apply_activation_checkpointing(model):
+    """Recompute each block's activations in backward. The block's forward is wrapped on the
+    instance, so parameter names (and checkpoints) do not change."""
+    from ..distributed.fsdp import transformer_blocks
+
+    for block in transformer_blocks(model):
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def apply_compile(model):
+    """torch.compile each block in place (names unchanged); the model stays eager around them."""
+    from ..distributed.fsdp import transformer_blocks
+
+    for block in transformer_blocks(model):
+        block.compile()
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + attention scores (PaLM's estimate, appendix B)."""
+    dcfg = model.config.decoder
+    matmul = sum(
+        p.numel()
+        for n, p in model.language_model.named_parameters()
+        if p.dim() == 2 and "embed_tokens" not in n
+    )
+    if dcfg.tie_embeddings:
+        matmul += dcfg.vocab_size * dcfg.hidden_size  # the head is a matmul even when tied
+    attention = 12 * dcfg.num_layers * dcfg.num_heads * dcfg.head_dim * seq_len
+    return 6 * matmul + attention
+
+
+def peak_flops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(out / "tensorboard"))
+    except Exception:  # tensorboard not installed
+        return None
+
+
+# ---- the trainer ------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out, resume: bool = False, progress: bool = True):
+        from ..distributed.fsdp import apply_fsdp, init_distributed
+
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
+        self.dist = init_distributed()
+        device = self.dist.device
+        torch.manual_seed(cfg.seed)
+        self.model = model = build_model(cfg, device)
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        self.compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
+
+        tok = load_tokenizer(cfg, model.config.decoder.vocab_size)
+        samples = load_samples(cfg.resolve(cfg.data.path), tok, load_processor(cfg, model))
+        rows = pack(samples, cfg.data.seq_len, cfg.data.pack, cfg.data.overflow)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.loader = ResumableLoader(
+            rows, cfg.data.seq_len, cfg.batch_size, pad_id, cfg.seed, cfg.data.shuffle,
+            self.dist.rank, self.dist.world_size, cfg.grad_accum,
+        )  # fmt: skip
+
+        freeze(model, cfg.freeze)
+        if cfg.lora is not None:
+            from .lora import apply_lora
+
+            apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if cfg.compile:
+            apply_compile(model)
+        use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and self.dist.world_size > 1)
+        if self.dist.world_size > 1 and not use_fsdp:
+            raise ConfigError("fsdp: 'off' with several processes is not supported; use 'auto' or 'on'")
+        self.fsdp = use_fsdp
+        if use_fsdp:
+            apply_fsdp(model, param_dtype=self.compute_dtype if self.bf16 else None)
+
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
+        self.step = 0
+        if resume:
+            ckpt = latest_checkpoint(self.out / "checkpoints")
+            if ckpt is None:
+                self.log(f"no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
+            else:
+                state = load_checkpoint(ckpt, model, self.optimizer, self.scheduler)
+                self.loader.load_state_dict(state["loader"])
+                self.step = state["step"]
+                self.log(f"resumed from {ckpt} (step {self.step})")
+        self.flops_per_token = flops_per_token(model, cfg.data.seq_len)
+        self.peak = peak_flops(device)
+
+    def log(self, msg: str):
+        if self.dist.is_main:
+            print(msg, flush=True)
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dist.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
+        """One optimizer step over this process's micro-batches; returns (loss, grad norm)."""
+        device = self.dist.device
+        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+        n_tokens = self._all_reduce(torch.tensor(float(n_tokens), device=device))
+        # FSDP averages gradients over processes; the loss is already a global mean, so undo it
+        scale = self.dist.world_size / n_tokens.clamp(min=1)
+        autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if self.bf16 and not self.fsdp
+            else contextlib.nullcontext()
+        )
+        loss_sum = torch.zeros((), device=device)
+        for i, batch in enumerate(micro_batches):
+            if self.fsdp:  # reduce-scatter gradients only after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            with autocast:
+                logits = self.model(**batch).logits  # (B, T, V)
+            ce = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten(),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
+            (ce * scale).backward()
+            loss_sum += ce.detach()
+        loss = self._all_reduce(loss_sum) / n_tokens.clamp(min=1)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.optim.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        loss_f, norm_f = float(loss), float(grad_norm)
+        if math.isfinite(loss_f) and math.isfinite(norm_f):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # skipped steps keep their place in the schedule
+        return loss_f, norm_f
+
+    def train(self, max_steps: int | None = None) -> list[dict]:
+        """Run to min(max_steps, cfg.steps); returns the metrics of the steps run by this call."""
+        cfg = self.cfg
+        stop = min(max_steps or cfg.steps, cfg.steps)
+        ckpt_root = self.out / "checkpoints"
+        metrics_file = self.out / "metrics.jsonl"
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(metrics_file, self.step)
+        writer = _tensorboard(self.out) if self.dist.is_main else None
+        bar = None
+        if self.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=stop, initial=self.step, desc="train", dynamic_ncols=True)
+        history, bad_streak = [], 0
+        tokens_per_step = cfg.batch_size * cfg.data.seq_len
+        try:
+            while self.step < stop:
+                t0 = time.perf_counter()
+                lr = self.scheduler.get_last_lr()[0]
+                loss, grad_norm = self.train_step(self.loader.next_batch())
+                if self.dist.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                self.step += 1
+                skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+                rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_s": tokens_per_step / dt, "skipped": skipped}  # fmt: skip
+                if self.peak is not None:
+                    rec["mfu"] = (
+                        rec["tokens_per_s"] * self.flops_per_token / (self.peak * self.dist.world_size)
+                    )
+                history.append(rec)
+                if self.dist.is_main:
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if writer is not None:
+                        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+                            if k in rec and math.isfinite(rec[k]):
+                                writer.add_scalar(f"train/{k}", rec[k], self.step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                if skipped:
+                    bad_streak += 1
+                    self.log(
+                        f"step {self.step}: non-finite loss {loss} or grad norm {grad_norm}; update skipped"
+                    )
+                    if bad_streak >= cfg.max_bad_steps:
+                        last = latest_checkpoint(ckpt_root)
+                        raise OmniLMError(
+                            f"{bad_streak} non-finite steps in a row (last: step {self.step}, loss {loss}, grad norm "
+                            f"{grad_norm}); stopped without saving. Last good checkpoint: {last or 'none'}. "
+                            "Lower optim.lr, check the data, or raise max_bad_steps."
+                        )
+                    continue
+                bad_streak = 0
+                if self.step == stop or (cfg.save_every and self.step % cfg.save_every == 0):
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        return history
+
+    def save(self):
+        return save_checkpoint(
+            self.out / "checkpoints", self.step, self.model, self.optimizer, self.scheduler,
+            self.loader.state_dict(), self.cfg.to_dict(), keep_last=self.cfg.keep_last,
+        )  # fmt: skip
+
+
+def _truncate_metrics(path: Path, step: int):
+    """A resumed run rewrites the steps after its checkpoint; a fresh run starts a new file."""
+    if not path.is_file():
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line and step and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(
+    cfg: TrainConfig, out=None, max_steps: int | None = None, resume: bool = False, progress: bool = True
+):
+    """Build a Trainer and run it; returns the per-step metrics of this call."""
+    created = not dist.is_initialized()
+    try:
+        trainer = Trainer(cfg, out or cfg.out, resume=resume, progress=progress)
+        return trainer.train(max_steps)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def cmd_train(args) -> int:
+    """`omnilm train --config FILE [--out DIR] [--max-steps N] [--resume]`."""
+    cfg = load_train_config(args.config)
+    out = Path(args.out or cfg.out)
+    history = train(cfg, out, max_steps=args.max_steps, resume=args.resume)
+    if history and (not dist.is_initialized() or dist.get_rank() == 0):
+        first, last = history[0], history[-1]
+        print(f"steps {first['step']}-{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
+              f"checkpoints in {out / 'checkpoints'}")  # fmt: skip
+    return 0
