@@ -40,8 +40,10 @@ def load_image(src, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) ->
             img = Image.open(io.BytesIO(data), formats=FORMATS)  # header only: size known, nothing decoded
     except Image.DecompressionBombError:
         raise MediaError(f"{name}: image is larger than Pillow's decompression-bomb limit") from None
+    except Image.UnidentifiedImageError:  # its message names our BytesIO, not the file
+        raise MediaError(f"{name}: not an image in a supported format ({', '.join(FORMATS)})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise MediaError(f"{name}: not a decodable image (expected {', '.join(FORMATS)}): {e}") from None
+        raise MediaError(f"{name}: not a decodable image ({', '.join(FORMATS)}): {e}") from None
     w, h = img.size
     if w * h > max_pixels:
         raise MediaError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels")
