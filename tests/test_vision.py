@@ -95,6 +95,31 @@ def test_encoder_interpolates_positions_for_other_sizes(tmp_path, kind):
     assert (out - ref).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_encoder_from_dual_image_text_model(tmp_path, kind):
+    """A whole SigLIP / CLIP (vision + text) directory: load_encoder keeps the vision half."""
+    torch.manual_seed(0)
+    if kind == "siglip":
+        text = transformers.SiglipTextConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4
+        )
+        cfg = transformers.SiglipConfig(
+            text_config=text.to_dict(), vision_config=tower_config(kind).to_dict()
+        )
+        hf = transformers.SiglipModel(cfg).eval()
+    else:
+        text = transformers.CLIPTextConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4
+        )
+        cfg = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=tower_config(kind).to_dict())
+        hf = transformers.CLIPModel(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    enc = omnilm.load_encoder(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (enc(x) - hf.vision_model(pixel_values=x).last_hidden_state).abs().max() <= TOL
+
+
 def test_encoder_loads_vision_model_prefix_and_bf16(tmp_path):
     hf = save_tower(tmp_path, "siglip")
     # Hub checkpoints of SiglipVisionModel carry a `vision_model.` level
