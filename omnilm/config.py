@@ -505,8 +505,13 @@ PRESETS = {
     # pre-LayerNorm, GELU FFN, RoPE, text vocab 50257 (+ image 16384 and audio 1024 codes, added by the
     # discrete path), max sequence 4096.
     "unified-8b": lambda: ModelConfig(
-        decoder=DecoderConfig(vocab_size=50257, hidden_size=4096, num_layers=36, num_heads=32, intermediate_size=16384,
+        decoder=DecoderConfig(vocab_size=50261, hidden_size=4096, num_layers=36, num_heads=32, intermediate_size=16384,
                               max_seq_len=4096, norm="layernorm", mlp="gelu", rope_theta=10000.0, tie_embeddings=False),
+        # text ids: GPT-2's 50257 plus the four span markers at 50257..50260; an image is a 32 x 32 VQ
+        # grid (1,024 tokens); audio spans are 5 s of a 75 Hz codec (EnCodec 24 kHz) with 4 codebooks
+        discrete=DiscreteConfig(text_vocab_size=50261, image_vocab_size=16384, image_grid=32, audio_vocab_size=1024,
+                                audio_codebooks=4, audio_frames=375, image_start_id=50257, image_end_id=50258,
+                                audio_start_id=50259, audio_end_id=50260),
         source="seeds/002 (unified discrete-token transformer, ~8B)",
     ),
     # The 88B design (seeds/001): L=110, D=8192, H=64 (head_dim 128), multi-query attention, ~50k BPE
