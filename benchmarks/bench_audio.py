@@ -136,11 +136,19 @@ def bench_one(name: str, device, dtype, audio: list[np.ndarray], warmup: int, it
         feats = fe(audio, sampling_rate=SR, return_tensors="pt", device=device)["input_features"]
         return theirs(feats.to(device, dtype)).last_hidden_state
 
+    def front_ours():
+        return logmel(torch.from_numpy(np.stack(audio)).to(device, non_blocking=True))
+
+    def front_theirs():
+        return fe(audio, sampling_rate=SR, return_tensors="pt", device=device)["input_features"].to(device)
+
     diff = (run_ours().float() - run_theirs().float()).abs().max().item()
-    t_ours, t_theirs = timeit([run_ours, run_theirs], device, warmup, iters)
+    front_diff = (front_ours() - front_theirs()).abs().max().item()
+    t = timeit([run_ours, run_theirs, front_ours, front_theirs], device, warmup, iters)
     secs = len(audio) * WINDOW
     return (
-        f"| {name} | {secs / t_ours:,.1f} | {secs / t_theirs:,.1f} | {t_theirs / t_ours:.2f}x | {diff:.2e} |"
+        f"| {name} | {secs / t[0]:,.1f} | {secs / t[1]:,.1f} | {t[1] / t[0]:.2f}x | {diff:.2e} |\n"
+        f"| {name}, front end only | {secs / t[2]:,.0f} | {secs / t[3]:,.0f} | {t[3] / t[2]:.2f}x | {front_diff:.2e} |"
     )
 
 
