@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 
 class MLPProjector(nn.Module):
     """LLaVA's multi_modal_projector: linear_1 -> GELU -> linear_2, optionally after a pixel shuffle.
@@ -32,7 +34,7 @@ def pixel_shuffle(x: torch.Tensor, s: int) -> torch.Tensor:
     B, N, D = x.shape
     side = int(round(N**0.5))
     if side * side != N or side % s:
-        raise ValueError(f"pixel shuffle needs a square grid divisible by {s}, got {N} tokens")
+        raise ConfigError(f"pixel shuffle needs a square grid divisible by {s}, got {N} tokens")
     x = x.view(B, side // s, s, side // s, s, D)  # (B, h, s, w, s, D)
     x = x.permute(0, 1, 3, 2, 4, 5)  # (B, h, w, s, s, D)
     return x.reshape(B, (side // s) ** 2, s * s * D)
