@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-from scipy.signal import resample_poly
 
 from ..config import AudioConfig
 from ..errors import ConfigError, MediaError
@@ -93,6 +92,8 @@ def resample(wav: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     """Band-limited polyphase resampling (Kaiser-windowed FIR at the lower Nyquist rate)."""
     if rate == target_rate:
         return np.ascontiguousarray(wav, dtype=np.float32)
+    from scipy.signal import resample_poly  # imported here: scipy.signal costs ~1 s of CPU to import
+
     g = math.gcd(int(rate), int(target_rate))
     out = resample_poly(wav.astype(np.float64), target_rate // g, rate // g)
     return out.astype(np.float32)
