@@ -10,6 +10,7 @@ uncond + scale * (cond - uncond); both rows of a pair are then fed the same toke
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -138,6 +139,51 @@ def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
 
 # ---- the decode loop ---------------------------------------------------------------------------------
 
+# As in engine.py: a compiled step sees the cache length rounded up to a multiple of this, and on
+# CUDA the loop reads "all rows finished" from the device only every CUDA_SYNC_EVERY steps.
+COMPILED_LEN_MULTIPLE = 256
+CUDA_SYNC_EVERY = 16
+
+
+def _decode_step(model, cache, token, position_ids, slot, key_valid, kv_len):
+    """Logits (rows, V) for one new token per row, through the discrete embeddings and heads."""
+    return model(
+        token,
+        attention_mask=key_valid,
+        position_ids=position_ids,
+        cache=cache,
+        cache_position=slot,
+        kv_len=kv_len,
+    ).logits[:, -1]
+
+
+_compiled_steps: dict[str, object] = {}
+
+
+def _compiled_step(device_type: str):
+    """CUDA: replayed as a CUDA graph (fixed shapes: the whole static cache under a full mask)."""
+    if device_type not in _compiled_steps:
+        mode = "reduce-overhead" if device_type == "cuda" else "default"
+        _compiled_steps[device_type] = torch.compile(_decode_step, mode=mode, fullgraph=True, dynamic=False)
+    return _compiled_steps[device_type]
+
+
+# One idle cache per model when compiled: a CUDA graph records buffer addresses, so a later call of
+# the same shape replays it instead of recording a new one.
+_idle_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _take_cache(model, rows: int, length: int, keep: bool):
+    lm = model.language_model
+    cache = _idle_caches.pop(model, None) if keep else None
+    if cache is None or cache.layers[0].k.shape[0] != rows or cache.max_len != length:
+        cache = lm.make_cache(rows, length)
+        if keep:
+            for layer in cache.layers:
+                torch._dynamo.mark_static_address(layer.k)
+                torch._dynamo.mark_static_address(layer.v)
+    return cache
+
 
 @torch.inference_mode()
 def stream(
@@ -157,11 +203,13 @@ def stream(
     guidance_scale=None,
     uncond_input_ids=None,
     repetition_penalty=None,
+    compile=None,
 ):
     """Yield the next token of every row (B,) step by step, with modality spans and optional guidance.
 
     guidance_scale (None or 1: off) guides image spans; the unconditional prompts are
-    `uncond_input_ids` (B, T') if given, else null_prompt() of each row.
+    `uncond_input_ids` (B, T') if given, else null_prompt() of each row. compile: compile the decode
+    step (None: on CUDA only). eos_token_id [] means none. Finished rows yield the pad id.
     """
     cfg = model.config.discrete
     if cfg is None:
@@ -191,8 +239,8 @@ def stream(
     guided = guidance_scale is not None and guidance_scale != 1.0
     if guided:
         if uncond_input_ids is None:
-            uncond_mask_rows = null_prompt(cfg, torch.where(mask.bool(), input_ids, -1), dec.bos_token_id)
-            uncond_input_ids, uncond_mask = _left_pad(uncond_mask_rows, pad_token_id, device)
+            uncond_rows = null_prompt(cfg, torch.where(mask.bool(), input_ids, -1), dec.bos_token_id)
+            uncond_input_ids, uncond_mask = _left_pad(uncond_rows, pad_token_id, device)
         else:
             uncond_input_ids = uncond_input_ids.to(device)
             uncond_mask = torch.ones_like(uncond_input_ids)
@@ -208,57 +256,65 @@ def stream(
         raise ContextLengthError(
             f"prompt of {T} tokens does not fit the context of {ctx} tokens (one new token needs {T + 1})"
         )
-    max_new_tokens = min(max_new_tokens, ctx - T)
-    if max_new_tokens <= 0:
+    n_new = min(max_new_tokens, ctx - T)
+    if n_new <= 0:
         return
-    L = T + max_new_tokens
-    full_mask = torch.ones(
-        rows, L, dtype=torch.long, device=device
-    )  # (rows, L): prompt padding, then new tokens
-    full_mask[:, :T] = mask
-    positions = full_mask[:, :T].cumsum(-1) - 1  # (rows, T) a left-padded row's positions as if alone
-    next_pos = positions[:, -1:] + 1  # (rows, 1)
+    if compile is None:
+        compile = device.type == "cuda"
+    sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else 1
+    length = T + n_new
+    if compile:
+        length = min(-(-length // COMPILED_LEN_MULTIPLE) * COMPILED_LEN_MULTIPLE, ctx)
+    key_valid = torch.ones(rows, length, dtype=torch.bool, device=device)  # (rows, L) False at prompt padding
+    key_valid[:, :T] = mask.bool()
+    prompt_pos = (key_valid[:, :T].long().cumsum(-1) - 1).clamp(min=0)  # (rows, T) as if each row were alone
+    new_pos = prompt_pos[:, -1:] + 1 + torch.arange(n_new, device=device)  # (rows, n_new)
+    slots = torch.arange(length, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
-    cache = model.language_model.make_cache(rows, L)
-    logits = model(
-        input_ids,
-        attention_mask=full_mask,
-        pixel_values=pixel_values,
-        input_features=input_features,
-        position_ids=positions.clamp(min=0),
-        cache=cache,
-        cache_position=torch.arange(T, device=device),
-        kv_len=T,
-        logits_slice=slice(-1, None),
-    ).logits[:, -1]  # (rows, V)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        logits = logits.float()
-        if guided:
-            cond, uncond = logits[:B], logits[B:]
-            logits = torch.where(controller.in_image[:, None], guide(cond, uncond, guidance_scale), cond)
-        token = sample(controller.process(logits), temperature, top_k, top_p, min_p, generator)  # (B,)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        controller.update(token)
-        yield token
-        if eos is not None:
-            finished |= torch.isin(token, eos)
-            if bool(finished.all()):
-                return
-        if step == max_new_tokens - 1:
-            return
-        slot = T + step
-        fed = torch.cat([token, token]) if guided else token  # both rows of a guided pair read the same token
+    cache = _take_cache(model, rows, length, keep=compile)
+    try:
         logits = model(
-            fed[:, None],
-            attention_mask=full_mask,
-            position_ids=next_pos,
+            input_ids,
+            attention_mask=key_valid[:, :T],
+            pixel_values=pixel_values,
+            input_features=input_features,
+            position_ids=prompt_pos,
             cache=cache,
-            cache_position=torch.tensor([slot], device=device),
-            kv_len=slot + 1,
-        ).logits[:, -1]
-        next_pos = next_pos + 1
+            cache_position=slots[:T],
+            kv_len=T,
+            logits_slice=slice(-1, None),
+        ).logits[:, -1]  # (rows, V)
+        step = _compiled_step(device.type) if compile else _decode_step
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        for j in range(n_new):
+            logits = logits.float()
+            if guided:
+                cond, uncond = logits[:B], logits[B:]
+                logits = torch.where(controller.in_image[:, None], guide(cond, uncond, guidance_scale), cond)
+            token = sample(controller.process(logits), temperature, top_k, top_p, min_p, generator)  # (B,)
+            if eos is not None:
+                token = token.masked_fill(finished, pad_token_id)
+                finished = finished | torch.isin(token, eos)
+            controller.update(token)
+            yield token
+            if j == n_new - 1:
+                break
+            if eos is not None and (j + 1) % sync_every == 0 and bool(finished.all()):
+                break
+            fed = (
+                torch.cat([token, token]) if guided else token
+            )  # both rows of a guided pair read the same token
+            slot = slots[T + j : T + j + 1]  # (1,)
+            if compile:
+                if device.type == "cuda":  # the previous graph's outputs (logits) are consumed by now
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = step(model, cache, fed[:, None], new_pos[:, j : j + 1], slot, key_valid, None)
+            else:
+                logits = step(model, cache, fed[:, None], new_pos[:, j : j + 1], slot, key_valid, T + j + 1)
+    finally:
+        if compile:
+            _idle_caches[model] = cache
 
 
 def _pad_to(x: torch.Tensor, T: int, value: int) -> torch.Tensor:
