@@ -20,6 +20,15 @@ from omnilm.training.data import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny ops: one thread avoids OpenMP spin-waits, which dominate on a busy 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_model():
     cfg = ModelConfig(
         decoder=DecoderConfig(

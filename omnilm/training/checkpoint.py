@@ -19,6 +19,7 @@ import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,7 +96,9 @@ def save_checkpoint(
         raise OmniLMError(
             f"step {step}: the weights hold NaN or inf; refusing to write a poisoned checkpoint"
         )
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
+    with warnings.catch_warnings():  # DCP warns when it runs without a process group, as intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
     if save_weights:
         _save_weights(model, tmp)
 
@@ -164,7 +167,9 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     model_state, optim_state = get_state_dict(model, optimizer)
     sd = {"model": model_state, "optim": optim_state}
     try:
-        dcp.load(sd, checkpoint_id=str(path / "dcp"))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(sd, checkpoint_id=str(path / "dcp"))
     except Exception as e:  # DCP raises its own error types for missing keys and files
         raise CheckpointError(f"{path / 'dcp'}: cannot restore the training state ({e})") from None
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
