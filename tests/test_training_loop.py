@@ -173,3 +173,98 @@ def test_cli_train_with_max_steps(tmp_path, capsys):
     cfg.write_text("model: tiny\nstepz: 3\n")
     assert main(["train", "--config", str(cfg)]) == 2
     assert "stepz" in capsys.readouterr().err
+
+
+def test_alignment_stage_on_image_chat_data(tmp_path):
+    """Vision tower frozen, projector trained at its own lr, on JSONL conversations with images."""
+    from PIL import Image
+
+    from omnilm.config import VisionConfig
+    from omnilm.tokenizers.text import TextTokenizer
+
+    tok = TextTokenizer.default()
+    vision = VisionConfig(
+        kind="siglip",
+        image_size=16,
+        patch_size=8,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=1,
+        num_heads=2,
+        feature_layer=None,
+    )
+    cfg = ModelConfig(
+        decoder=DecoderConfig(
+            vocab_size=2048,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=64,
+            rope_theta=10000.0,
+        ),
+        vision=vision,
+        image_token_id=tok.image_token_id,
+    )
+    model = omnilm.build(cfg, seed=0)
+    model.save_pretrained(tmp_path / "m")
+    rng = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(4):
+        pixels = (torch.rand(16, 16, 3, generator=rng) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"img{i}.png")
+        lines.append(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": f"img{i}.png"},
+                            {"type": "text", "text": "What?"},
+                        ],
+                    },
+                    {"role": "assistant", "content": f"Picture number {i}."},
+                ]
+            }
+        )
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    tcfg = train_config_from_dict(
+        {
+            "model": str(tmp_path / "m"),
+            "data": {"path": str(tmp_path / "d.jsonl"), "seq_len": 48},
+            "steps": 2,
+            "batch_size": 2,
+            "freeze": ["vision_tower"],
+            "activation_checkpointing": True,
+            "optim": {"lr": 1e-2, "module_lr": {"multi_modal_projector": 5e-2}},
+        }
+    )
+    trainer = Trainer(tcfg, tmp_path / "run", progress=False)
+    assert trainer.loader.next_batch()[0]["pixel_values"].shape == (2, 3, 16, 16)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    history = trainer.train()
+    assert len(history) == 2 and all(not m["skipped"] for m in history)
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(k.startswith("vision_tower.") for k in changed)
+    assert any(k.startswith("multi_modal_projector.") for k in changed)
+    assert any(k.startswith("language_model.") for k in changed)
+
+
+def test_lora_training_saves_a_peft_adapter(tmp_path):
+    model_dir = micro_model_dir(tmp_path / "m")
+    cfg = micro_config(model_dir, steps=3, lora={"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]})
+    history = train(cfg, tmp_path / "run", progress=False)
+    assert len(history) == 3
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    from omnilm.training.lora import load_adapter
+
+    base = omnilm.load(ckpt / "model")
+    initial = omnilm.load(model_dir)
+    for (n, a), b in zip(base.state_dict().items(), initial.state_dict().values()):
+        assert torch.equal(a, b), n  # only the adapter was trained
+    assert len(load_adapter(base, ckpt / "adapter")) == 2  # q and v of the one layer
+    ids = torch.tensor([[1, 300, 301, 302]])
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=ids).logits, initial(input_ids=ids).logits)

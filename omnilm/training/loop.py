@@ -68,16 +68,34 @@ def load_tokenizer(cfg: TrainConfig, vocab_size: int):
     return tok
 
 
-def load_processor(cfg: TrainConfig, model):
-    """The multimodal processor of a model with encoders (None for text-only models)."""
+def load_processor(cfg: TrainConfig, model, tokenizer):
+    """The multimodal processor of a model with encoders (None for text-only models): the model
+    directory's own, or one built from the preset's config."""
     if model.vision_tower is None and model.audio_tower is None:
         return None
-    try:
-        import omnilm
+    from ..processing.multimodal import Processor
+    from ..processing.multimodal import load_processor as load_dir_processor
 
-        return omnilm.load_processor(cfg.resolve(cfg.model) if cfg.model not in PRESETS else cfg.model)
-    except (ImportError, OmniLMError):
-        return None  # media samples then fail with a ConfigError naming the sample
+    if cfg.model not in PRESETS:
+        return load_dir_processor(cfg.resolve(cfg.model))
+    mcfg = model.config
+    image_proc = audio_proc = None
+    if mcfg.vision is not None:
+        from ..processing.image import ImageProcessor
+
+        image_proc = ImageProcessor(size=(mcfg.vision.image_size, mcfg.vision.image_size))
+    if mcfg.audio is not None:
+        from ..processing.audio import AudioProcessor
+
+        audio_proc = AudioProcessor.from_config(mcfg.audio)
+    return Processor(
+        tokenizer,
+        image_processor=image_proc,
+        audio_processor=audio_proc,
+        tokens_per_image=mcfg.vision.tokens_per_image if mcfg.vision is not None else None,
+        image_token_id=mcfg.image_token_id,
+        audio_token_id=mcfg.audio_token_id,
+    )
 
 
 def apply_activation_checkpointing(model):
@@ -143,7 +161,7 @@ class Trainer:
         self.compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
 
         tok = load_tokenizer(cfg, model.config.decoder.vocab_size)
-        samples = load_samples(cfg.resolve(cfg.data.path), tok, load_processor(cfg, model))
+        samples = load_samples(cfg.resolve(cfg.data.path), tok, load_processor(cfg, model, tok))
         rows = pack(samples, cfg.data.seq_len, cfg.data.pack, cfg.data.overflow)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.loader = ResumableLoader(
