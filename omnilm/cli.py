@@ -22,9 +22,14 @@ def cmd_plan(args):
 def cmd_generate(args):
     import omnilm
 
-    model = omnilm.load(args.model, device=args.device, dtype=args.dtype)
-    processor = omnilm.load_processor(args.model)
-    batch = _prompt_batch(args, processor, omnilm._resolve(args.model))
+    from .convert.hf import checkpoint_dir
+
+    # Inputs are read (and refused) before the weights load: a bad file should not wait for the model.
+    _check_device(args.device)
+    model_dir = checkpoint_dir(omnilm._resolve(args.model))
+    processor = omnilm.load_processor(model_dir)
+    batch = _prompt_batch(args, processor, model_dir)
+    model = omnilm.load(model_dir, device=args.device, dtype=args.dtype)
     tok = processor.tokenizer
     eos = [i for i in (tok.eos_token_id, tok.eot_token_id) if i is not None]
     settings = dict(
@@ -130,6 +135,36 @@ def cmd_tokenizer_train(args):
     run(args)
 
 
+def _check_device(name):
+    """torch reports a bad or absent device with an assertion or a long RuntimeError; say it plainly."""
+    if name is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise OmniLMError(
+            f"--device {name!r} is not a device name (expected cpu, cuda, cuda:N, mps)"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OmniLMError(f"--device {name}: CUDA is not available (torch {torch.__version__})")
+
+
+def _fraction(s):
+    v = float(s)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s}")
+    return v
+
+
+def _non_negative(s):
+    v = float(s)
+    if not v >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s}")
+    return v
+
+
 def _positive_int(s):
     v = int(s)
     if v <= 0:
@@ -157,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens", type=float, default=2e12, help="training tokens (default: the 88B design's 2T)"
     )
     p.add_argument("--gpus", type=_positive_int, default=8)
-    p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--mfu", type=_fraction, default=0.4)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("generate", help="generate text (and images/audio) from a prompt with media")
@@ -167,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", action="append", default=[])
     p.add_argument("--file", action="append", default=[])
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=_non_negative, default=0.0)
     p.add_argument("--top-k", type=_positive_int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-p", type=_fraction, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--output-image", default=None)
@@ -222,13 +257,17 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except OmniLMError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `omnilm ... | head`
         return 0
+    # a path the user named cannot be read or written (no such folder, permissions, disk full)
+    except OSError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
     return 0
 
 

@@ -101,6 +101,7 @@ class OmniModel(nn.Module):
         kv_len=None,
         logits_slice=None,
     ):
+        self._check_inputs(input_ids, attention_mask, pixel_values, input_features, inputs_embeds, cache)
         if inputs_embeds is None and (
             pixel_values is not None or input_features is not None or self.discrete is not None
         ):
@@ -132,6 +133,45 @@ class OmniModel(nn.Module):
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
         return CausalLMOutput(logits=logits, loss=loss)
+
+    def _check_inputs(self, input_ids, attention_mask, pixel_values, input_features, inputs_embeds, cache):
+        """Wrong shapes or dtypes fail here, naming the argument, not deep inside a layer. Shapes and
+        dtypes only (no value reads), so the check never syncs a GPU; decode steps do not come here."""
+        given = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+        given.update(input_features=input_features, inputs_embeds=inputs_embeds)
+        for name, t in given.items():
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise ConfigError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if input_ids is None and inputs_embeds is None:
+            raise ConfigError("give input_ids (B, T) or inputs_embeds (B, T, D)")
+        if inputs_embeds is None:
+            _expect(input_ids, "input_ids", "(B, T) integer token ids", 2, integer=True)
+            x = input_ids
+        else:
+            _expect(inputs_embeds, "inputs_embeds", f"(B, T, {self.config.decoder.hidden_size})", 3)
+            x = inputs_embeds
+        B, T = x.shape[:2]
+        if attention_mask is not None:
+            # (B, S) padding mask: S == T, or the cache length when continuing; (B, 1, T, S) used as is
+            ok = attention_mask.dim() == 4 or (
+                attention_mask.dim() == 2
+                and attention_mask.shape[0] == B
+                and (attention_mask.shape[1] == T if cache is None else attention_mask.shape[1] >= T)
+            )
+            _expect(attention_mask, "attention_mask", f"({B}, {T}) like input_ids", ok=ok)
+        v, a = self.config.vision, self.config.audio
+        if pixel_values is not None and v is not None:
+            ok = pixel_values.shape[1:2] == (v.num_channels,)
+            _expect(
+                pixel_values, "pixel_values", f"(N, {v.num_channels}, H, W) floats", 4, floating=True, ok=ok
+            )
+        if input_features is not None and a is not None:
+            if a.kind == "whisper":
+                ok = input_features.shape[1:2] == (a.num_mel_bins,)
+                expected = f"(N, {a.num_mel_bins}, frames) log-mel floats"
+                _expect(input_features, "input_features", expected, 3, floating=True, ok=ok)
+            else:
+                _expect(input_features, "input_features", "(N, samples) waveform floats", 2, floating=True)
 
     def _forward_discrete(
         self, inputs_embeds, attention_mask, position_ids, labels, cache, cache_position, kv_len, logits_slice
@@ -208,6 +248,14 @@ class OmniModel(nn.Module):
     def init_weights(self):
         init_weights(self, self.config.decoder.initializer_range)
         return self
+
+
+def _expect(x, name, expected, ndim=None, integer=False, floating=False, ok=True):
+    ok = ok and (ndim is None or x.dim() == ndim)
+    ok = ok and (not integer or not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool))
+    ok = ok and (not floating or x.is_floating_point())
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected}, got shape {tuple(x.shape)} of {x.dtype}")
 
 
 def scatter_features(embeds, input_ids, token_id, features, name="image"):
