@@ -74,8 +74,12 @@ class Decoder(nn.Module):
         is_causal = False
         if attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask.bool()
-        elif cache is None and attention_mask is None:
+        elif attention_mask is None and (cache is None or kv_len == T):
+            # no padding and no earlier cache entries (kv_len == T is a prefill into an empty cache):
+            # plain causal attention, which lets SDPA pick its flash kernel
             mask, is_causal = None, True
+        elif attention_mask is None and T == 1 and kv_len is not None:
+            mask = None  # one new token over the kv_len filled slots sees all of them
         else:
             S = kv_len if kv_len is not None else (cache.max_len if cache is not None else T)
             mask = causal_mask(cache_position, S, attention_mask)

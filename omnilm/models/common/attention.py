@@ -28,14 +28,19 @@ def attention(q, k, v, mask=None, is_causal: bool = False, scale: float | None =
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=is_causal, softmax_scale=scale
         )
         return out.transpose(1, 2)
-    if k.shape[1] != q.shape[1]:
+    gqa = k.shape[1] != q.shape[1]
+    # enable_gqa shares each kv head across its query group instead of copying k and v n_rep times
+    # (a copy of the whole cache every decode step). The CPU flash kernel takes it with or without a
+    # mask; on CUDA only the flash kernel does (half precision, no mask), the others fall back to
+    # the slow math kernel, so there k and v are expanded instead.
+    if gqa and q.is_cuda and (mask is not None or q.dtype not in (torch.float16, torch.bfloat16)):
         n_rep = q.shape[1] // k.shape[1]
-        # expand + reshape is a view-free repeat; cheaper than repeat_interleave on CPU
         b, hk, s, d = k.shape
-        k = k[:, :, None].expand(b, hk, n_rep, s, d).reshape(b, hk * n_rep, s, d)
+        k = k[:, :, None].expand(b, hk, n_rep, s, d).reshape(b, hk * n_rep, s, d)  # (B, H, S, hd)
         v = v[:, :, None].expand(b, hk, n_rep, s, d).reshape(b, hk * n_rep, s, d)
+        gqa = False
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale
+        q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale, enable_gqa=gqa
     )
 
 
