@@ -115,18 +115,14 @@ def apply_compile(model):
         block.compile()
 
 
-def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + attention scores (PaLM's estimate, appendix B)."""
-    dcfg = model.config.decoder
-    matmul = sum(
-        p.numel()
-        for n, p in model.language_model.named_parameters()
-        if p.dim() == 2 and "embed_tokens" not in n
-    )
-    if dcfg.tie_embeddings:
-        matmul += dcfg.vocab_size * dcfg.hidden_size  # the head is a matmul even when tied
-    attention = 12 * dcfg.num_layers * dcfg.num_heads * dcfg.head_dim * seq_len
-    return 6 * matmul + attention
+def flops_per_token(dcfg, seq_len: int) -> float:
+    """Training FLOPs per token of a decoder config: 6 x matmul parameters (the head included, tied or
+    not) + 12 x layers x heads x head_dim x seq_len for attention (PaLM's estimate, appendix B)."""
+    D, hd = dcfg.hidden_size, dcfg.head_dim
+    attn = D * hd * (2 * dcfg.num_heads + 2 * dcfg.num_kv_heads)  # q, o and k, v projections
+    mlp = (3 if dcfg.mlp == "swiglu" else 2) * D * dcfg.intermediate_size
+    matmul = dcfg.num_layers * (attn + mlp) + dcfg.vocab_size * D
+    return 6 * matmul + 12 * dcfg.num_layers * dcfg.num_heads * hd * seq_len
 
 
 def peak_flops(device) -> float | None:
@@ -197,7 +193,7 @@ class Trainer:
                 self.loader.load_state_dict(state["loader"])
                 self.step = state["step"]
                 self.log(f"resumed from {ckpt} (step {self.step})")
-        self.flops_per_token = flops_per_token(model, cfg.data.seq_len)
+        self.flops_per_token = flops_per_token(model.config.decoder, cfg.data.seq_len)
         self.peak = peak_flops(device)
 
     def log(self, msg: str):
