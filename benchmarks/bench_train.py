@@ -89,10 +89,6 @@ def run(which: str, cfg: ModelConfig, args, device) -> dict:
     out = {"impl": which, "step_ms": dt * 1e3, "tokens_per_s": tokens_per_s, "loss": loss,
            "mfu": tokens_per_s * fpt / peak if peak else None,
            "mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}  # fmt: skip
-    del model, opt
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 
@@ -121,7 +117,13 @@ def main():
     print(f"# bench_train: {name}, batch {args.batch} x seq {args.seq_len}, {gpu}, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}, AdamW, {args.steps} timed steps, torch {torch.__version__}")  # fmt: skip
 
-    rows = [run(w, cfg, args, device) for w in ("omnilm", "transformers") if args.only in (None, w)]
+    rows = []
+    for which in ("omnilm", "transformers"):
+        if args.only in (None, which):
+            rows.append(run(which, cfg, args, device))
+            gc.collect()  # the first model and its optimizer state go before the second is built
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print("| impl | step ms | tokens/s | MFU | peak mem GB | loss |")
     print("|---|---|---|---|---|---|")
     for r in rows:
