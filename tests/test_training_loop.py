@@ -268,3 +268,13 @@ def test_lora_training_saves_a_peft_adapter(tmp_path):
     ids = torch.tensor([[1, 300, 301, 302]])
     with torch.no_grad():
         assert not torch.allclose(base(input_ids=ids).logits, initial(input_ids=ids).logits)
+
+
+def test_incomplete_checkpoints_are_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step-00000010").mkdir(parents=True)
+    (root / "step-00000010" / "trainer_state.json").write_text("{}")
+    (root / ".tmp-step-00000030" / "dcp").mkdir(parents=True)  # a save killed before its rename
+    (root / "step-00000020").mkdir()  # no trainer_state.json: not complete
+    assert latest_checkpoint(root).name == "step-00000010"
+    assert latest_checkpoint(tmp_path / "none") is None
