@@ -181,3 +181,13 @@ def test_config_rejects_unknown_keys_and_bad_lines(tmp_path):
     bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2"):
         load_samples(bad, TextTokenizer.default())
+
+
+def test_full_single_document_rows_use_plain_causal_attention():
+    rows = [
+        [Sample(list(range(10, 18)), list(range(10, 18)))],
+        [Sample(list(range(20, 28)), list(range(20, 28)))],
+    ]
+    batch = collate_rows(rows, 8, pad_id=0)
+    assert "attention_mask" not in batch and batch["labels"][0, 0] == IGNORE
+    assert "attention_mask" in collate_rows(rows, 9, pad_id=0)  # padding needs the mask

@@ -205,8 +205,9 @@ def pack(
 
 
 def collate_rows(rows: list[list[Sample]], seq_len: int, pad_id: int) -> dict:
-    """Rows of samples -> tensors: input_ids, labels, position_ids, doc_ids (B, T); attention_mask
-    (B, 1, T, T) boolean; pixel_values / input_features (media in row-major placeholder order)."""
+    """Rows of samples -> tensors: input_ids, labels, position_ids (B, T); attention_mask (B, 1, T, T)
+    boolean, left out when each row is one whole document; pixel_values / input_features (media in
+    row-major placeholder order)."""
     B = len(rows)
     input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((B, seq_len), IGNORE, dtype=torch.long)
@@ -226,14 +227,12 @@ def collate_rows(rows: list[list[Sample]], seq_len: int, pad_id: int) -> dict:
             for kind, tensor in sample.media:
                 media[kind].append(tensor if kind == "audio" else tensor[None])
             offset += n
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal  # (B, T, T)
-    batch = {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "attention_mask": mask[:, None],  # (B, 1, T, T)
-    }
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if (doc_ids != 0).any():  # several documents or padding in some row: document mask
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+        mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal  # (B, T, T)
+        batch["attention_mask"] = mask[:, None]  # (B, 1, T, T)
+    # else every row is one document filling it: plain causal attention (flash kernels apply)
     if media["image"]:
         batch["pixel_values"] = torch.cat(media["image"])  # (N_images, 3, H, W)
     if media["audio"]:

@@ -153,8 +153,8 @@ class Trainer:
         device = self.dist.device
         torch.manual_seed(cfg.seed)
         self.model = model = build_model(cfg, device)
+        # bf16 compute with fp32 master weights: autocast, or FSDP's mixed-precision policy under FSDP
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-        self.compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
 
         tok = load_tokenizer(cfg, model.config.decoder.vocab_size)
         samples = load_samples(cfg.resolve(cfg.data.path), tok, load_processor(cfg, model, tok))
@@ -177,9 +177,11 @@ class Trainer:
         use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and self.dist.world_size > 1)
         if self.dist.world_size > 1 and not use_fsdp:
             raise ConfigError("fsdp: 'off' with several processes is not supported; use 'auto' or 'on'")
+        if use_fsdp and not dist.is_initialized():
+            raise ConfigError("fsdp: 'on' needs a process group; launch with torchrun")
         self.fsdp = use_fsdp
         if use_fsdp:
-            apply_fsdp(model, param_dtype=self.compute_dtype if self.bf16 else None)
+            apply_fsdp(model, param_dtype=torch.bfloat16 if self.bf16 else None)
 
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
