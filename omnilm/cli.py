@@ -135,6 +135,18 @@ def cmd_tokenizer_train(args):
     run(args)
 
 
+def cmd_tokenizer_train_image(args):
+    from .tokenizers.vq import cmd_tokenizer_train_image as run
+
+    run(args)
+
+
+def cmd_tokenizer_train_audio(args):
+    from .tokenizers.vq import cmd_tokenizer_train_audio as run
+
+    run(args)
+
+
 def _check_device(name):
     """torch reports a bad or absent device with an assertion or a long RuntimeError; say it plainly."""
     if name is None:
@@ -249,6 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_tokenizer_train)
     # [tokenizer subcommands]
+    t = tok.add_parser("train-image", help="train the VQ-VAE image tokenizer; prints PSNR and codebook usage")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of images (searched recursively)")
+    src.add_argument("--demo", action="store_true", help="the bundled handwritten digits, upscaled")
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=_positive_int, default=500)
+    t.add_argument("--image-size", type=_positive_int, default=32)
+    t.add_argument("--codebook-size", type=_positive_int, default=256)
+    t.add_argument("--device", default=None)
+    t.set_defaults(func=cmd_tokenizer_train_image)
+    t = tok.add_parser("train-audio", help="train the audio codec (residual VQ); prints SI-SNR")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--audio", help="folder of wav/flac/ogg files (searched recursively)")
+    src.add_argument("--demo", action="store_true", help="synthesized DTMF tones")
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=_positive_int, default=500)
+    t.add_argument("--sample-rate", type=_positive_int, default=16000)
+    t.add_argument("--device", default=None)
+    t.set_defaults(func=cmd_tokenizer_train_audio)
     return parser
 
 
