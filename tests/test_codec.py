@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import omnilm
 from omnilm.config import AudioCodecConfig
 from omnilm.convert.codec import load_codec, save_codec
 from omnilm.errors import CheckpointError, MediaError
@@ -95,7 +96,7 @@ def _tiny_encodec(tmp_path, causal=True, old_weight_norm=False, **kw):
 @pytest.mark.parametrize("causal,old", [(True, False), (False, True)])
 def test_encodec_parity_with_transformers(tmp_path, causal, old):
     hf = _tiny_encodec(tmp_path, causal=causal, old_weight_norm=old)
-    codec = load_codec(tmp_path)
+    codec = omnilm.load_codec(tmp_path)  # the public entry point
     x = torch.randn(2, 1, 203, generator=torch.Generator().manual_seed(1))  # not a multiple of the hop (8)
     for bandwidth in (None, 3.0):
         with torch.no_grad():
