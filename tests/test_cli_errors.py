@@ -163,10 +163,23 @@ def _wav_header_only():
     return _wav(seconds=0.0)
 
 
+def _pdf_image_bomb():
+    """A PDF whose embedded image claims 90000 x 90000 pixels (the header is read, never the pixels)."""
+    pdf = build_pdf([[("text", "big picture"), ("image", Image.new("RGB", (10, 10), "red"))]])
+    return pdf.replace(b"/Width 10 /Height 10", b"/Width 90000 /Height 90000")
+
+
 BAD_MEDIA = {
     # name: (option, file name, bytes, words the error must contain)
     "truncated png": ("--image", "cut.png", _png()[:200], ("cut.png", "truncated")),
     "png bomb": ("--image", "bomb.png", _png_bomb(), ("bomb.png",)),
+    # 9000 x 6000 = 54 M pixels: under Pillow's own bomb limit, over OmniLM's 50 M pixel budget
+    "png over the pixel budget": (
+        "--image",
+        "big.png",
+        _png_bomb(9000, 6000),
+        ("big.png", "exceeds the limit"),
+    ),
     "not an image": (
         "--image",
         "junk.png",
@@ -193,6 +206,7 @@ BAD_MEDIA = {
         build_pdf([[("text", "hello there")]])[:-60],
         ("cut.pdf", "truncated"),
     ),
+    "pdf image bomb": ("--file", "bomb.pdf", _pdf_image_bomb(), ("bomb.pdf", "90000x90000")),
 }
 
 
