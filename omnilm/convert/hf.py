@@ -127,11 +127,37 @@ def init_empty_weights():
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         original(module, name, param)
 
+    # Initializing meta tensors does nothing useful and, through torch's reference kernels, imports
+    # torch._dynamo (seconds of start-up): skip the init functions while building.
+    inits = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
     nn.Module.register_parameter = register_parameter
+    for name in inits:
+        setattr(nn.init, name, _skip_init)
     try:
         yield
     finally:
         nn.Module.register_parameter = original
+        for name, fn in inits.items():
+            setattr(nn.init, name, fn)
+
+
+_INIT_FUNCTIONS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "zeros_",
+    "ones_",
+    "constant_",
+    "orthogonal_",
+)
+
+
+def _skip_init(tensor, *args, **kwargs):
+    return tensor
 
 
 def load_strict(
