@@ -1,0 +1,180 @@
+"""The demo model and its training: a tiny OmniLM that reads digits (pixels, tones, PDFs) and draws them.
+
+Sizes are picked so the full demo trains in a few minutes on 2 CPU cores: a 3-layer decoder of width
+128; a 2-layer ViT on 16x16 digits with 4x4 patches (16 image tokens); a 2-layer Whisper-style encoder
+on 1 s windows of 64-bin log-mel (50 frames, stacked by 2: 25 audio tokens); a VQ-VAE turning a 16x16
+digit into 4x4 codes from a codebook of 128, which the decoder writes after <|image_start|>.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..config import AudioConfig, DecoderConfig, DiscreteConfig, ImageVQConfig, ModelConfig, VisionConfig
+from ..models.omni import OmniModel
+from ..processing.audio import AudioProcessor
+from ..processing.image import ImageProcessor
+from ..processing.multimodal import Processor
+from ..tokenizers.text import TextTokenizer
+from ..training.config import OptimConfig
+from ..training.optim import build_optimizer, build_scheduler
+from .data import collate
+
+IMAGE_SIZE = 16
+CODEBOOK = 128
+
+
+def vq_config() -> ImageVQConfig:
+    return ImageVQConfig(
+        image_size=IMAGE_SIZE,
+        channels=32,
+        downsample=4,
+        codebook_size=CODEBOOK,
+        code_dim=32,
+        dead_code_threshold=0.5,
+    )
+
+
+def model_config(tokenizer: TextTokenizer) -> ModelConfig:
+    text_vocab = tokenizer.vocab_size
+    vq = vq_config()
+    return ModelConfig(
+        decoder=DecoderConfig(
+            vocab_size=text_vocab,
+            hidden_size=128,
+            num_layers=3,
+            num_heads=4,
+            intermediate_size=384,
+            max_seq_len=128,
+            rope_theta=10000.0,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision=VisionConfig(
+            kind="siglip",
+            image_size=IMAGE_SIZE,
+            patch_size=4,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+        ),
+        audio=AudioConfig(
+            kind="whisper",
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=128,
+            num_mel_bins=64,
+            max_source_positions=50,
+            window_seconds=1.0,
+            projector_stack=2,
+        ),
+        # image codes are ids text_vocab.. text_vocab + 127, with their own embedding table and head
+        discrete=DiscreteConfig(
+            text_vocab_size=text_vocab,
+            image_vocab_size=vq.codebook_size,
+            image_grid=vq.grid_size,
+            image_start_id=tokenizer.image_start_id,
+            image_end_id=tokenizer.image_end_id,
+            audio_start_id=tokenizer.audio_start_id,
+            audio_end_id=tokenizer.audio_end_id,
+            image_tokenizer=vq,
+        ),
+        image_token_id=tokenizer.image_token_id,
+        audio_token_id=tokenizer.audio_token_id,
+        source="omnilm demo: digits, DTMF tones and invoices (omnilm/demo)",
+    )
+
+
+def code_offset(cfg: ModelConfig) -> int:
+    """Id of image code 0 in the concatenated vocabulary."""
+    return cfg.discrete.image_offset
+
+
+def build_processor(cfg: ModelConfig, tokenizer: TextTokenizer) -> Processor:
+    return Processor(
+        tokenizer,
+        image_processor=ImageProcessor(size=(IMAGE_SIZE, IMAGE_SIZE), resample=2),  # bilinear
+        audio_processor=AudioProcessor.from_config(cfg.audio),
+        tokens_per_image=cfg.vision.tokens_per_image,
+        tokens_per_audio_window=cfg.audio.tokens_per_window,
+        image_token_id=cfg.image_token_id,
+        audio_token_id=cfg.audio_token_id,
+    )
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> OmniModel:
+    torch.manual_seed(seed)
+    model = OmniModel(cfg).init_weights()
+    model.hf_format = "omnilm"
+    return model
+
+
+def train_model(
+    model: OmniModel,
+    sample_fns: dict,
+    steps: int,
+    batch_mix: dict,
+    pad_id: int,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+    log=None,
+) -> dict:
+    """Train on mixed batches: each step draws batch_mix[task] samples of every task from sample_fns[task](n, gen).
+
+    Uses the project's optimizer pieces (AdamW groups without decay on norms/biases/embeddings, warmup
+    then cosine). Returns {"seconds", "final_loss", "losses"}.
+    """
+    from tqdm.auto import tqdm
+
+    optim_cfg = OptimConfig(lr=lr, warmup_steps=max(1, steps // 20), weight_decay=0.01, min_lr_ratio=0.05)
+    opt = build_optimizer(model, optim_cfg)
+    sched = build_scheduler(opt, optim_cfg, steps)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    start = time.time()
+    bar = tqdm(range(steps), desc="train demo", disable=not progress, mininterval=0.5)
+    for step in bar:
+        samples = []
+        for task, n in batch_mix.items():
+            samples += sample_fns[task](n, gen)
+        batch = collate(samples, pad_id)
+        loss = answer_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+            if log is not None:
+                log({"step": step, "loss": losses[-1], "lr": sched.get_last_lr()[0]})
+    model.eval()
+    return {"seconds": time.time() - start, "final_loss": float(np.mean(losses[-20:])), "losses": losses}
+
+
+def answer_loss(model: OmniModel, batch: dict) -> torch.Tensor:
+    """Next-token loss on the answer positions only, each scored by its target's head (text or image).
+
+    The same value as OmniModel's `labels=` loss, but the heads run only where a label is: answers are
+    a few tokens of each row, and the 2048-id text head is a large share of a model this small.
+    """
+    embeds = model.embed(batch["input_ids"], batch["pixel_values"], batch["input_features"])  # (B, T, D)
+    hidden = model.language_model.model(inputs_embeds=embeds)  # (B, T, D)
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    keep = targets != -100  # (B, T - 1)
+    h = hidden[:, :-1][keep]  # (N, D)
+    logits = model.discrete.logits(h, model.language_model.lm_head)  # (N, V_text + V_image)
+    # DiscreteModalities.loss scores logits[t] against labels[t + 1]: shift by one padded position
+    logits = torch.cat([logits, logits.new_zeros(1, logits.shape[-1])])[None]  # (1, N + 1, V)
+    labels = torch.cat([targets.new_full((1,), -100), targets[keep]])[None]  # (1, N + 1)
+    loss, _ = model.discrete.loss(logits, labels)
+    return loss
