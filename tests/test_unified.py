@@ -173,6 +173,13 @@ def test_guidance_rows_combine_as_specified():
         cond_seq = torch.cat([cond_seq, torch.tensor([[t]])], 1)
         uncond_seq = torch.cat([uncond_seq, torch.tensor([[t]])], 1)
     assert out[0, prompt.shape[1] :].tolist() == expected
+    # 3 steps stay inside the span, so only the image head ran; a longer call (all heads, the span
+    # controller masking) picks the same codes
+    longer = generate(
+        model, prompt, max_new_tokens=d.tokens_per_image + 2, guidance_scale=scale, eos_token_id=[]
+    )
+    assert longer[0, prompt.shape[1] : prompt.shape[1] + 3].tolist() == expected
+    check_spans(d, longer[0].tolist())
     unguided = generate(model, prompt, max_new_tokens=3, temperature=0.0, eos_token_id=[])
     assert unguided[0, prompt.shape[1] :].tolist() != expected  # guidance changed the picks
     torch.testing.assert_close(guide(torch.tensor([3.0]), torch.tensor([1.0]), 2.5), torch.tensor([6.0]))

@@ -51,14 +51,16 @@ class SpanController:
         """A controller whose rows start in the state the prompt leaves them in (a prompt may end inside
         a span, e.g. with `<|image_start|>` to ask for an image)."""
         ctl = cls(cfg, input_ids.shape[0], input_ids.device)
-        for row, ids in enumerate(input_ids.tolist()):
+        states = []
+        for ids in input_ids.tolist():  # one host read, then plain Python over the prompt
+            state, left = TEXT, 0
             for token in ids:
-                ctl._advance_row(row, token)
+                state, left = _next_state(cfg, state, left, token)
+            states.append((state, left))
+        ctl.state = torch.tensor([s for s, _ in states], dtype=torch.long, device=input_ids.device)
+        ctl.left = torch.tensor([n for _, n in states], dtype=torch.long, device=input_ids.device)
+        ctl.prompt_states = states  # host copy: lets the loop see a whole-image generation up front
         return ctl
-
-    def _advance_row(self, row: int, token: int):
-        state, left = int(self.state[row]), int(self.left[row])
-        self.state[row], self.left[row] = _next_state(self.cfg, state, left, token)
 
     @property
     def in_image(self) -> torch.Tensor:
@@ -145,8 +147,9 @@ COMPILED_LEN_MULTIPLE = 256
 CUDA_SYNC_EVERY = 16
 
 
-def _decode_step(model, cache, token, position_ids, slot, key_valid, kv_len):
-    """Logits (rows, V) for one new token per row, through the discrete embeddings and heads."""
+def _decode_step(model, cache, token, position_ids, slot, key_valid, kv_len, only=None):
+    """Logits (rows, V) for one new token per row, through the discrete embeddings and heads (`only`:
+    one modality's head)."""
     return model(
         token,
         attention_mask=key_valid,
@@ -154,6 +157,7 @@ def _decode_step(model, cache, token, position_ids, slot, key_valid, kv_len):
         cache=cache,
         cache_position=slot,
         kv_len=kv_len,
+        logits_modality=only,
     ).logits[:, -1]
 
 
@@ -259,6 +263,9 @@ def stream(
     n_new = min(max_new_tokens, ctx - T)
     if n_new <= 0:
         return
+    # Every row inside an image span that outlasts this call (generate_image): only the image head
+    # is computed, since the controller would mask the text and audio logits anyway.
+    only = "image" if all(s == IMAGE_CODES and n >= n_new for s, n in controller.prompt_states) else None
     if compile is None:
         compile = device.type == "cuda"
     sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else 1
@@ -284,15 +291,22 @@ def stream(
             cache_position=slots[:T],
             kv_len=T,
             logits_slice=slice(-1, None),
-        ).logits[:, -1]  # (rows, V)
+            logits_modality=only,
+        ).logits[:, -1]  # (rows, V), or (rows, V_image) when only the image head runs
         step = _compiled_step(device.type) if compile else _decode_step
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for j in range(n_new):
             logits = logits.float()
             if guided:
                 cond, uncond = logits[:B], logits[B:]
-                logits = torch.where(controller.in_image[:, None], guide(cond, uncond, guidance_scale), cond)
-            token = sample(controller.process(logits), temperature, top_k, top_p, min_p, generator)  # (B,)
+                guided_logits = guide(cond, uncond, guidance_scale)
+                logits = (
+                    guided_logits if only else torch.where(controller.in_image[:, None], guided_logits, cond)
+                )
+            if only:
+                token = sample(logits, temperature, top_k, top_p, min_p, generator) + cfg.image_offset  # (B,)
+            else:
+                token = sample(controller.process(logits), temperature, top_k, top_p, min_p, generator)
             if eos is not None:
                 token = token.masked_fill(finished, pad_token_id)
                 finished = finished | torch.isin(token, eos)
@@ -309,9 +323,11 @@ def stream(
             if compile:
                 if device.type == "cuda":  # the previous graph's outputs (logits) are consumed by now
                     torch.compiler.cudagraph_mark_step_begin()
-                logits = step(model, cache, fed[:, None], new_pos[:, j : j + 1], slot, key_valid, None)
+                logits = step(model, cache, fed[:, None], new_pos[:, j : j + 1], slot, key_valid, None, only)
             else:
-                logits = step(model, cache, fed[:, None], new_pos[:, j : j + 1], slot, key_valid, T + j + 1)
+                logits = step(
+                    model, cache, fed[:, None], new_pos[:, j : j + 1], slot, key_valid, T + j + 1, only
+                )
     finally:
         if compile:
             _idle_caches[model] = cache

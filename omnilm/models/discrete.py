@@ -64,8 +64,11 @@ class DiscreteModalities(nn.Module):
                 x = torch.where((modality == m)[..., None], table(local).to(x.dtype), x)
         return x + self.modality_embed(modality).to(x.dtype)
 
-    def logits(self, hidden: torch.Tensor, text_head: nn.Linear) -> torch.Tensor:
-        """(B, T, D) -> (B, T, V_text + V_image + V_audio)."""
+    def logits(self, hidden: torch.Tensor, text_head: nn.Linear, only: str | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, V_text + V_image + V_audio), or one modality's head alone (`only`: a
+        name in MODALITIES), e.g. while sampling an image span, where the other heads are masked anyway."""
+        if only is not None:
+            return {"text": text_head, "image": self.image_head, "audio": self.audio_head}[only](hidden)
         parts = [text_head(hidden)]
         parts += [head(hidden) for head in (self.image_head, self.audio_head) if head is not None]
         return torch.cat(parts, dim=-1)

@@ -100,7 +100,9 @@ class OmniModel(nn.Module):
         cache_position=None,
         kv_len=None,
         logits_slice=None,
+        logits_modality=None,
     ):
+        """logits_modality (discrete models only): "text", "image" or "audio" computes that head alone."""
         self._check_inputs(input_ids, attention_mask, pixel_values, input_features, inputs_embeds, cache)
         if inputs_embeds is None and (
             pixel_values is not None or input_features is not None or self.discrete is not None
@@ -116,6 +118,7 @@ class OmniModel(nn.Module):
                 cache_position,
                 kv_len,
                 logits_slice,
+                logits_modality,
             )
         logits = self.language_model(
             None if inputs_embeds is not None else input_ids,
@@ -174,14 +177,23 @@ class OmniModel(nn.Module):
                 _expect(input_features, "input_features", "(N, samples) waveform floats", 2, floating=True)
 
     def _forward_discrete(
-        self, inputs_embeds, attention_mask, position_ids, labels, cache, cache_position, kv_len, logits_slice
+        self,
+        inputs_embeds,
+        attention_mask,
+        position_ids,
+        labels,
+        cache,
+        cache_position,
+        kv_len,
+        logits_slice,
+        logits_modality=None,
     ):
         """Decoder hidden states through every modality's head; loss by the target's modality."""
         lm = self.language_model
         h = lm.model(None, inputs_embeds, attention_mask, position_ids, cache, cache_position, kv_len)
         if logits_slice is not None:
             h = h[:, logits_slice]
-        logits = self.discrete.logits(h, lm.lm_head)  # (B, T, V_text + V_image + V_audio)
+        logits = self.discrete.logits(h, lm.lm_head, logits_modality)  # (B, T, V_text + V_image + V_audio)
         loss = losses = None
         if labels is not None:
             loss, losses = self.discrete.loss(logits, labels)
