@@ -53,23 +53,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device) -> float:
+def timed(fn, device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
     sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def best_times(fns: dict, device, repeats: int) -> dict:
-    """Best wall time of each function; the functions run interleaved, after one warm-up each."""
+def best_times(fns: dict, device, repeats: int) -> tuple[dict, dict]:
+    """Best wall and best CPU time of each function, run interleaved after one warm-up each."""
     for fn in fns.values():
         fn()
-    best = dict.fromkeys(fns, float("inf"))
+    wall, cpu = dict.fromkeys(fns, float("inf")), dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
         for name, fn in fns.items():
-            best[name] = min(best[name], timed(fn, device))
-    return best
+            w, c = timed(fn, device)
+            wall[name], cpu[name] = min(wall[name], w), min(cpu[name], c)
+    return wall, cpu
 
 
 def bandwidth(device) -> float:
@@ -77,7 +79,7 @@ def bandwidth(device) -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    t = min(timed(lambda: [dst.copy_(src) for _ in range(10)], device) for _ in range(3))
+    t = min(timed(lambda: [dst.copy_(src) for _ in range(10)], device)[0] for _ in range(3))
     return 2 * src.numel() * 10 / t
 
 
@@ -144,29 +146,28 @@ def main():
 
     gen = torch.Generator().manual_seed(0)
     V = cfg.decoder.vocab_size
-    rows = []  # (label, ours, ref, % of bound or None)
+    rows = []  # (label, ours, ref, ratio by CPU time, % of bound or None)
     agree = None
     for batch in (1, args.batch):
         ids = torch.randint(0, V, (batch, args.prompt), generator=gen).to(device)
-        t = best_times(
-            {
-                "ours_n": run_ours(ids, new),
-                "ref_n": run_ref(ids, new),
-                "ours_1": run_ours(ids, 1),
-                "ref_1": run_ref(ids, 1),
-            },
-            device,
-            args.repeats,
-        )
-        dec = {k: batch * (new - 1) / (t[f"{k}_n"] - t[f"{k}_1"]) for k in ("ours", "ref")}
+        fns = {
+            "ours_n": run_ours(ids, new),
+            "ref_n": run_ref(ids, new),
+            "ours_1": run_ours(ids, 1),
+            "ref_1": run_ref(ids, 1),
+        }
+        wall, cpu = best_times(fns, device, args.repeats)
+        dec = {k: batch * (new - 1) / (wall[f"{k}_n"] - wall[f"{k}_1"]) for k in ("ours", "ref")}
+        dec_cpu = {k: (cpu[f"{k}_n"] - cpu[f"{k}_1"]) for k in ("ours", "ref")}
         bound = None
         if cuda:
             per_step = bytes_per_step(ours, batch, args.prompt + new / 2)
             bound = 100 * dec["ours"] / (batch * bandwidth(device) / per_step)
-        rows.append((f"decode, batch {batch} (tok/s)", dec["ours"], dec["ref"], bound))
+        cpu_ratio = dec_cpu["ref"] / dec_cpu["ours"]
+        rows.append((f"decode, batch {batch} (tok/s)", dec["ours"], dec["ref"], cpu_ratio, bound))
         rows.append(
             (f"generate, batch {batch}, {args.prompt} + {new} (tok/s)",
-             batch * new / t["ours_n"], batch * new / t["ref_n"], None)
+             batch * new / wall["ours_n"], batch * new / wall["ref_n"], cpu["ref_n"] / cpu["ours_n"], None)
         )  # fmt: skip
         if batch == 1:  # greedy outputs of the two should agree (fp32 exactly; bf16 for a while)
             a, b = run_ours(ids, new)(), run_ref(ids, new)()
@@ -174,23 +175,25 @@ def main():
             agree = new if len(diff) == 0 else int(diff[0]) - args.prompt
     for n in prefill_lens:
         ids = torch.randint(0, V, (1, n), generator=gen).to(device)
-        t = best_times({"ours": run_ours(ids, 1), "ref": run_ref(ids, 1)}, device, args.repeats)
-        rows.append((f"prefill {n} tokens (tok/s)", n / t["ours"], n / t["ref"], None))
+        wall, cpu = best_times({"ours": run_ours(ids, 1), "ref": run_ref(ids, 1)}, device, args.repeats)
+        rows.append(
+            (f"prefill {n} tokens (tok/s)", n / wall["ours"], n / wall["ref"], cpu["ref"] / cpu["ours"], None)
+        )
 
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     compiled = args.compile if args.compile is not None else cuda
     print(f"\n{name}, {str(dtype).removeprefix('torch.')}, {where}, OmniLM decode step compiled: {compiled}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"greedy batch-1 outputs agree for the first {agree} of {new} new tokens\n")
-    print(
-        "| measure | OmniLM | transformers | OmniLM / transformers |"
-        + (" % of bandwidth bound |" if cuda else "")
-    )
-    print("|---|---|---|---|" + ("---|" if cuda else ""))
-    for label, a, b, pct in rows:
+    last = " % of bandwidth bound |" if cuda else " ratio by process CPU time |"
+    print("| measure | OmniLM | transformers | OmniLM / transformers |" + last)
+    print("|---|---|---|---|---|")
+    for label, a, b, cpu_ratio, pct in rows:
         line = f"| {label} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |"
         if cuda:
             line += f" {pct:.0f}% |" if pct is not None else " |"
+        else:
+            line += f" {cpu_ratio:.2f}x |"
         print(line)
 
 

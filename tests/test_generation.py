@@ -16,6 +16,15 @@ from omnilm.tokenizers.text import TextTokenizer
 VOCAB, CTX, PAD, EOS = 2048, 96, 0, 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny matmuls gain nothing from a second thread, and on a shared machine its spinning costs seconds
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     # init std 0.2 (not 0.02): a tiny random model then produces varied tokens instead of one repeated id
@@ -132,7 +141,7 @@ def test_right_padding_is_refused(model):
 def test_fixed_shape_decode_path_equals_eager(model, monkeypatch):
     # The CUDA path (full-length mask over a rounded-up, reused, static cache) run eagerly here:
     # the compiled function is swapped for the plain step, so only the fixed-shape logic is tested.
-    monkeypatch.setattr(engine, "compiled_decode_step", lambda device_type: engine._decode_step)
+    monkeypatch.setattr(engine, "compiled_decode_step", lambda lm, device_type: engine._decode_step)
     ids, mask = prompt(11, seed=7, batch=2), torch.ones(2, 11, dtype=torch.long)
     ids[0, :3], mask[0, :3] = PAD, 0
     for _ in range(2):  # the second call reuses the idle cache of the first
@@ -154,8 +163,15 @@ def test_sync_every_trims_steps_after_the_last_row_finished(model):
 
 @pytest.mark.slow
 def test_compiled_decode_step_on_cpu_equals_eager(model):
+    model = omnilm.build(model.config, seed=1)  # its own copy: the weights change below
     ids = prompt(10, seed=8)
     assert torch.equal(greedy(model, ids, 12, compile=True), greedy(model, ids, 12))
+    # the CPU step freezes weights into the compiled code: an in-place update must recompile it
+    with torch.no_grad():
+        for layer in model.language_model.model.layers:
+            layer.mlp.down_proj.weight.mul_(-3.0)
+    eager = greedy(model, ids, 12)
+    assert torch.equal(greedy(model, ids, 12, compile=True), eager)
 
 
 # ---- text layer -----------------------------------------------------------------------------------
@@ -217,3 +233,23 @@ def test_generate_text_stops_each_row_on_its_own(model, tok):
     texts = generate_text(model, tok, ids, stop_strings=[stop], max_new_tokens=20, eos_token_id=[])
     for got, want in zip(texts, full):
         assert got == (want[: want.find(stop)] if stop in want else want)
+
+
+def test_grouped_query_attention_equals_sdpa():
+    # the CUDA decode kernel for GQA with a mask, checked on CPU against SDPA with copied k and v
+    from omnilm.models.common.attention import causal_mask, grouped_query_attention
+
+    q, k, v = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 30, 16), torch.randn(2, 2, 30, 16)
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[1, :7] = False
+    mask = causal_mask(torch.tensor([20]), 30, valid)  # (2, 1, 1, 30): slots past 20 and padding hidden
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask
+    )
+    assert (grouped_query_attention(q, k, v, mask) - ref).abs().max() < 1e-5
+    q3 = torch.randn(2, 8, 3, 16)
+    mask3 = causal_mask(torch.tensor([18, 19, 20]), 30, valid)
+    ref3 = torch.nn.functional.scaled_dot_product_attention(
+        q3, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask3
+    )
+    assert (grouped_query_attention(q3, k, v, mask3) - ref3).abs().max() < 1e-5

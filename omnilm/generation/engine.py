@@ -43,15 +43,34 @@ def _decode_step(lm, cache, token, position_ids, slot, key_valid, kv_len):
     return logits[:, -1]
 
 
-_compiled_steps: dict[str, object] = {}
+_compiled_steps: dict[str, tuple] = {}
 
 
-def compiled_decode_step(device_type: str):
-    """`_decode_step` under torch.compile: CUDA graphs on CUDA, fused C++ kernels on CPU."""
-    if device_type not in _compiled_steps:
-        mode = "reduce-overhead" if device_type == "cuda" else "default"
-        _compiled_steps[device_type] = torch.compile(_decode_step, mode=mode, fullgraph=True, dynamic=False)
-    return _compiled_steps[device_type]
+def _weights_version(lm) -> int | None:
+    """Changes whenever a parameter is modified in place (an optimizer step, a LoRA merge)."""
+    try:
+        return sum(p._version for p in lm.parameters())
+    except RuntimeError:  # parameters created under inference_mode carry no version counter
+        return None
+
+
+def compiled_decode_step(lm, device_type: str):
+    """`_decode_step` under torch.compile.
+
+    CUDA: mode="reduce-overhead", i.e. CUDA graphs. CPU: inductor with freezing (weights folded in
+    as constants, linears on prepacked oneDNN weights) and a C++ wrapper, which removes most of the
+    per-op Python overhead of a small model; since frozen weights are copies, the step is compiled
+    again when the parameters were modified in place since.
+    """
+    key = None if device_type == "cuda" else (id(lm), _weights_version(lm))
+    if device_type not in _compiled_steps or _compiled_steps[device_type][1] != key:
+        if device_type == "cuda":
+            fn = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        else:
+            options = {"freezing": True, "cpp_wrapper": True}
+            fn = torch.compile(_decode_step, fullgraph=True, dynamic=False, options=options)
+        _compiled_steps[device_type] = (fn, key)
+    return _compiled_steps[device_type][0]
 
 
 # One idle cache per model for the compiled path: a CUDA graph records buffer addresses, so reusing
@@ -64,7 +83,7 @@ def _take_cache(lm, batch: int, length: int, keep: bool):
     cache = _idle_caches.pop(lm, None) if keep else None
     if cache is None or cache.layers[0].k.shape[0] != batch or cache.max_len != length:
         cache = lm.make_cache(batch, length)
-        if keep:
+        if keep and cache.layers[0].k.is_cuda:  # tells CUDA graphs the buffers never move
             for layer in cache.layers:
                 torch._dynamo.mark_static_address(layer.k)
                 torch._dynamo.mark_static_address(layer.v)
@@ -169,8 +188,10 @@ def _steps(
             kv_len=T,
             logits_slice=slice(-1, None),  # only the last position's logits are needed
         ).logits[:, -1]  # (B, V)
-        step = compiled_decode_step(device.type) if compile else _decode_step
+        step = compiled_decode_step(lm, device.type) if compile else _decode_step
         graphs = compile and device.type == "cuda"
+        # the compiled step gets the same input tensors every step, advanced in place
+        position, slot = new_pos[:, :1].clone(), slots[T : T + 1].clone()  # (B, 1), (1,)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for j in range(n_new):
             if seen is not None:
@@ -186,14 +207,16 @@ def _steps(
                 break
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
-            slot = slots[T + j : T + j + 1]  # (1,)
             if compile:
                 if graphs:  # the previous step's graph outputs (logits) are consumed by now
                     torch.compiler.cudagraph_mark_step_begin()
-                logits = step(lm, cache, token[:, None], new_pos[:, j : j + 1], slot, key_valid, None)
-            else:
+                logits = step(lm, cache, token[:, None], position, slot, key_valid, None)
+                position += 1
+                slot += 1
+            else:  # eager: views into the tables, attention over the kv_len filled slots only
                 mask = key_valid if padded else None
-                logits = step(lm, cache, token[:, None], new_pos[:, j : j + 1], slot, mask, T + j + 1)
+                pos_j, slot_j = new_pos[:, j : j + 1], slots[T + j : T + j + 1]
+                logits = step(lm, cache, token[:, None], pos_j, slot_j, mask, T + j + 1)
     finally:
         if compile:
             _idle_caches[lm] = cache

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rope import apply_rope
+
 try:  # optional: FlashAttention 2 kernels for CUDA half precision
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
@@ -34,6 +36,8 @@ def attention(q, k, v, mask=None, is_causal: bool = False, scale: float | None =
     # mask; on CUDA only the flash kernel does (half precision, no mask), the others fall back to
     # the slow math kernel, so there k and v are expanded instead.
     if gqa and q.is_cuda and (mask is not None or q.dtype not in (torch.float16, torch.bfloat16)):
+        if q.shape[2] == 1:  # decode: one query per row, so group the query heads instead
+            return grouped_query_attention(q, k, v, mask, scale)
         n_rep = q.shape[1] // k.shape[1]
         b, hk, s, d = k.shape
         k = k[:, :, None].expand(b, hk, n_rep, s, d).reshape(b, hk * n_rep, s, d)  # (B, H, S, hd)
@@ -42,6 +46,20 @@ def attention(q, k, v, mask=None, is_causal: bool = False, scale: float | None =
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale, enable_gqa=gqa
     )
+
+
+def grouped_query_attention(q, k, v, mask=None, scale: float | None = None):
+    """Attention of few queries over a GQA cache without copying k and v per query head: the n_rep
+    query heads of a kv head become n_rep query rows of one matmul. (B, H, T, hd) out."""
+    b, h, t, d = q.shape
+    hk = k.shape[1]
+    qg = q.reshape(b, hk, (h // hk) * t, d)  # (B, H_kv, n_rep * T, hd), heads of a group adjacent
+    scores = (qg @ k.transpose(-1, -2)) * (scale or d**-0.5)  # (B, H_kv, n_rep * T, S)
+    if mask is not None:  # (B or 1, 1, T, S) -> one copy per query head of the group
+        mask = mask.expand(-1, -1, t, -1).repeat(1, 1, h // hk, 1) if t > 1 else mask
+        scores = scores.masked_fill(~mask, float("-inf"))
+    out = scores.float().softmax(-1).to(v.dtype) @ v  # (B, H_kv, n_rep * T, hd)
+    return out.reshape(b, h, t, d)
 
 
 def causal_mask(q_slots: torch.Tensor, kv_len: int, key_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,8 +90,6 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
 
     def forward(self, x, rope=None, mask=None, is_causal=False, cache=None, cache_position=None, kv_len=None):
-        from .rope import apply_rope
-
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
