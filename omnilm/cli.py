@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--audio", help="folder of wav/flac/ogg files (searched recursively)")
     src.add_argument("--demo", action="store_true", help="synthesized DTMF tones")
     t.add_argument("--out", required=True)
-    t.add_argument("--steps", type=_positive_int, default=500)
+    t.add_argument("--steps", type=_positive_int, default=800)
     t.add_argument("--sample-rate", type=_positive_int, default=16000)
     t.add_argument("--device", default=None)
     t.set_defaults(func=cmd_tokenizer_train_audio)

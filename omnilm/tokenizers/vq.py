@@ -232,8 +232,12 @@ def cmd_tokenizer_train_audio(args) -> int:
     """CLI: `omnilm tokenizer train-audio (--audio DIR | --demo) --out DIR [--steps N]`."""
     from ..processing.audio import load_audio
 
-    cfg = AudioCodecConfig(sample_rate=getattr(args, "sample_rate", None) or 16000)
-    clip = int(0.25 * cfg.sample_rate)
+    cfg = AudioCodecConfig(
+        sample_rate=getattr(args, "sample_rate", None) or 16000,
+        channels=getattr(args, "channels", None) or 16,
+    )
+    seconds = 0.1  # short clips: more of them per batch for the same compute
+    clip = int(seconds * cfg.sample_rate)
     if getattr(args, "audio", None):
         pieces = []
         for p in _files(args.audio, AUDIO_SUFFIXES, "audio files"):
@@ -241,16 +245,21 @@ def cmd_tokenizer_train_audio(args) -> int:
             wav = F.pad(wav, (0, -wav.numel() % clip))
             pieces.append(wav.view(-1, clip))  # (n, clip): cut into equal clips
         clips = torch.cat(pieces)[:, None]
-        source = f"{len(clips)} clips of 0.25 s from {args.audio}"
+        source = f"{len(clips)} clips of {seconds} s from {args.audio}"
     else:
-        clips = synth_tones(getattr(args, "clips", None) or 128, sample_rate=cfg.sample_rate)
-        source = f"{len(clips)} synthesized DTMF tone clips of 0.25 s"
+        clips = synth_tones(getattr(args, "clips", None) or 64, sample_rate=cfg.sample_rate, seconds=seconds)
+        source = f"{len(clips)} synthesized DTMF tone clips of {seconds} s"
     print(
         f"training audio codec on {source}: {cfg.n_q} codebooks of {cfg.codebook_size}, "
         f"{cfg.sample_rate / cfg.hop_length:g} frames/s"
     )
     tok, m = AudioTokenizer.train(
-        clips, cfg, steps=args.steps, device=getattr(args, "device", None), log_every=max(args.steps // 5, 1)
+        clips,
+        cfg,
+        steps=args.steps,
+        device=getattr(args, "device", None),
+        lr=3e-3,
+        log_every=max(args.steps // 5, 1),
     )
     tok.save(args.out)
     print(
