@@ -50,7 +50,7 @@ def cmd_generate(args):
         new = model.generate(ids, **settings)[0, ids.shape[1] :].tolist()
         print(tok.decode(new))
     if args.output_image or args.output_audio:
-        _write_media(model, args, ids[0].tolist() + new)
+        _write_media(model, args, ids[0].tolist() + new, model_dir)
 
 
 def _prompt_batch(args, processor, model_dir):
@@ -81,10 +81,10 @@ def _print_stream(tokens, tok) -> list[int]:
     return new
 
 
-def _write_media(model, args, ids):
-    from .models.discrete import decode_media
+def _write_media(model, args, ids, model_dir):
+    from .generation.spans import decode_media
 
-    images, waves = decode_media(model, ids)
+    images, waves = decode_media(model, ids, model_dir=model_dir)
     if args.output_image:
         if not images:
             raise OmniLMError(

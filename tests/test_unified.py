@@ -237,7 +237,7 @@ def test_save_load_round_trip_keeps_logits(tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
-def test_decode_media_with_real_codecs():
+def tiny_codecs():
     from omnilm.config import AudioCodecConfig
     from omnilm.models.vq.codec import AudioCodec
     from omnilm.models.vq.image_vqvae import ImageVQVAE
@@ -247,19 +247,72 @@ def test_decode_media_with_real_codecs():
         ImageVQConfig(image_size=12, downsample=4, codebook_size=16, channels=8, code_dim=8)
     ).eval()
     codec = AudioCodec(AudioCodecConfig(channels=4, strides=[2, 2], n_q=2, codebook_size=8, dim=8)).eval()
+    return vq, codec
+
+
+def test_decode_media_with_real_codecs(tmp_path):
+    from omnilm.tokenizers.vq import AudioTokenizer, ImageTokenizer
+
+    vq, codec = tiny_codecs()
     d = tiny_cfg().discrete
     img = torch.randint(0, 16, (3, 3))
     aud = torch.randint(0, 8, (2, 2))  # (n_q, frames)
     ids = [BOS, 55, IS, *(img.flatten() + d.image_offset).tolist(), IE, 56, AS]
     ids += (aud.T.flatten() + d.audio_offset).tolist() + [AE, IS, IMG0]  # a truncated span is skipped
-    media = decode_media(d, torch.tensor(ids), image_tokenizer=vq, audio_tokenizer=codec)
-    assert len(media.images) == 1 and media.images[0].size == (12, 12)
+    images, waves = decode_media(d, torch.tensor(ids), image_tokenizer=vq, audio_tokenizer=codec)
+    assert len(images) == 1 and images[0].size == (12, 12) and len(waves) == 1
     ref = ((vq.decode(img[None])[0].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).to(torch.uint8)
-    assert torch.equal(torch.from_numpy(np.array(media.images[0])), ref)
-    torch.testing.assert_close(media.audio[0], codec.decode(aud[None]).flatten())
-    assert media.sample_rate == 16000
+    assert torch.equal(torch.from_numpy(np.array(images[0])), ref)
+    np.testing.assert_allclose(waves[0][0], codec.decode(aud[None]).flatten().numpy())
+    assert waves[0][1] == 16000
     with pytest.raises(MediaError, match="image tokenizer"):
         decode_media(d, torch.tensor(ids))
+    # the tokenizer wrappers saved beside a model are found in its directory and give the same media
+    ImageTokenizer(vq).save(tmp_path / "image_tokenizer")
+    AudioTokenizer(codec).save(tmp_path / "audio_tokenizer")
+    images2, waves2 = decode_media(d, ids, model_dir=tmp_path)
+    diff = np.abs(np.array(images2[0]).astype(int) - np.array(images[0]).astype(int))
+    assert diff.max() <= 1
+    np.testing.assert_allclose(waves2[0][0], waves[0][0], atol=1e-6)
+
+
+def test_cli_generate_writes_png_and_wav(tmp_path, capsys):
+    import soundfile
+
+    from omnilm.cli import main
+    from omnilm.processing.multimodal import load_processor
+    from omnilm.tokenizers.vq import AudioTokenizer, ImageTokenizer
+
+    vq, codec = tiny_codecs()
+    TextTokenizer.default().save(tmp_path)
+    ImageTokenizer(vq).save(tmp_path / "image_tokenizer")
+    AudioTokenizer(codec).save(tmp_path / "audio_tokenizer")
+    prompt = load_processor(tmp_path)(text="draw and sing")["input_ids"][0].tolist()
+    img = torch.randint(0, 16, (9,), generator=torch.Generator().manual_seed(1))
+    aud = torch.randint(0, 8, (4,), generator=torch.Generator().manual_seed(2))  # frame-major
+    target = [IS, *(img + IMG0).tolist(), IE, AS, *(aud + 2064).tolist(), AE, EOS]
+    model = build(seed=7).train()  # taught to answer the prompt with one image and one audio span
+    ids = torch.tensor([prompt + target])
+    labels = torch.tensor([[-100] * len(prompt) + target])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(40):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval().save_pretrained(tmp_path)
+
+    png, wav = tmp_path / "out.png", tmp_path / "out.wav"
+    argv = ["generate", "--model", str(tmp_path), "--prompt", "draw and sing", "--max-new-tokens", "24"]
+    assert main(argv + ["--output-image", str(png), "--output-audio", str(wav)]) == 0
+    from PIL import Image
+
+    got = np.array(Image.open(png))
+    ref = ((vq.decode(img.view(1, 3, 3))[0] + 1) * 127.5).round().permute(1, 2, 0).to(torch.uint8).numpy()
+    assert got.shape == (12, 12, 3) and np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+    wave, rate = soundfile.read(wav, dtype="float32")
+    assert rate == 16000
+    np.testing.assert_allclose(wave, codec.decode(aud.view(2, 2).T[None]).flatten().numpy(), atol=1e-4)
 
 
 def test_continuous_understanding_beside_discrete_generation():

@@ -6,12 +6,16 @@ codes are sampled (image head only), then `<|image_end|>` is forced; likewise fo
 resumes after. Classifier-free guidance runs the conditional rows and unconditional rows (the prompt
 replaced by a null prompt) in one batch and, inside image spans, samples from
 uncond + scale * (cond - uncond); both rows of a pair are then fed the same token.
+
+A model directory keeps the tokenizers its codes come from in image_tokenizer/ and audio_tokenizer/
+(written by ImageTokenizer.save / AudioTokenizer.save); decode_media turns generated spans back
+into PIL images and waveforms with them.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -427,19 +431,14 @@ def find_spans(cfg, ids) -> list[Span]:
     return spans
 
 
-@dataclass
-class DecodedMedia:
-    images: list = field(default_factory=list)  # PIL images, in the order their spans appear
-    audio: list = field(default_factory=list)  # mono waveforms, float tensors (samples,)
-    sample_rate: int | None = None
-
-
-def decode_media(model_or_cfg, ids, image_tokenizer=None, audio_tokenizer=None) -> DecodedMedia:
+def decode_media(model_or_cfg, ids, image_tokenizer=None, audio_tokenizer=None, model_dir=None):
     """Find the complete image/audio spans in generated ids (T,) or (B, T) and decode them.
 
-    image_tokenizer / audio_tokenizer: anything with `decode(codes)` taking (1, h, w) image codes or
-    (1, n_q, frames) audio codes (the VQ wrappers, or the networks omnilm.load_codec returns). Spans
-    of a modality with no tokenizer given raise MediaError.
+    Returns (images, waves): PIL images and (waveform float32 (samples,), sample_rate) pairs, in the
+    order their spans appear. A tokenizer is an ImageTokenizer / AudioTokenizer (omnilm/tokenizers/vq.py,
+    flat ids in) or a network from omnilm.load_codec (codes (1, h, w) / (1, n_q, frames) in); one not
+    given is loaded from model_dir/image_tokenizer or model_dir/audio_tokenizer when a span needs it.
+    A span whose tokenizer cannot be found raises MediaError.
     """
     cfg = getattr(getattr(model_or_cfg, "config", None), "discrete", None) or getattr(
         model_or_cfg, "discrete", None
@@ -449,30 +448,31 @@ def decode_media(model_or_cfg, ids, image_tokenizer=None, audio_tokenizer=None) 
         raise ConfigError("decode_media needs a discrete model, ModelConfig or DiscreteConfig")
     ids = torch.as_tensor(ids)
     rows = ids[None] if ids.dim() == 1 else ids
-    out = DecodedMedia()
+    tokenizers = {"image": image_tokenizer, "audio": audio_tokenizer}
+    images, waves = [], []
     for row in rows:
         for span in find_spans(cfg, row):
-            tok = image_tokenizer if span.modality == "image" else audio_tokenizer
+            tok = tokenizers[span.modality]
             if tok is None:
-                raise MediaError(
-                    f"the generated tokens hold an {span.modality} span but no {span.modality} tokenizer was given"
-                )
-            with torch.no_grad():
-                decoded = tok.decode(span.codes[None])
+                tok = tokenizers[span.modality] = _load_media_tokenizer(model_dir, span.modality)
+            if isinstance(tok, torch.nn.Module):  # a bare codec network: codes tensors
+                with torch.no_grad():
+                    out = tok.decode(span.codes[None])
+            elif span.modality == "image":  # a tokenizer wrapper: flat ids (row-major)
+                out = tok.decode(span.codes.flatten().tolist())
+            else:  # frame-major: each frame's residual codes consecutive
+                out = tok.decode(span.codes.T.flatten().tolist())
             if span.modality == "image":
-                out.images.append(_to_pil(decoded))
+                images.append(_to_pil(out))
             else:
-                wave = decoded[0] if isinstance(decoded, (list, tuple)) else decoded
-                out.audio.append(torch.as_tensor(wave).detach().float().cpu().reshape(-1))
-                out.sample_rate = getattr(tok, "sample_rate", None)
-    return out
+                wave = torch.as_tensor(out).detach().float().cpu().reshape(-1).numpy()
+                waves.append((wave, int(tok.sample_rate)))
+    return images, waves
 
 
 def _to_pil(decoded):
     from PIL import Image
 
-    if isinstance(decoded, (list, tuple)):
-        decoded = decoded[0]
     if isinstance(decoded, Image.Image):
         return decoded
     x = torch.as_tensor(decoded).detach().float().cpu()
@@ -481,16 +481,15 @@ def _to_pil(decoded):
     return Image.fromarray(pixels.numpy())
 
 
-def load_media_tokenizers(model_dir) -> tuple:
-    """(image_tokenizer, audio_tokenizer) saved with a model in its image_tokenizer/ and audio_tokenizer/
-    subdirectories (None where absent), loaded with omnilm.load_codec."""
+def _load_media_tokenizer(model_dir, modality: str):
     from pathlib import Path
 
-    from ..convert.codec import load_codec
+    sub = Path(model_dir) / f"{modality}_tokenizer" if model_dir is not None else None
+    if sub is None or not sub.is_dir():
+        where = f" and {sub} does not exist" if sub is not None else ""
+        raise MediaError(
+            f"the generated tokens hold an {modality} span but no {modality} tokenizer was given{where}"
+        )
+    from ..tokenizers.vq import AudioTokenizer, ImageTokenizer
 
-    model_dir = Path(model_dir)
-    found = []
-    for name in ("image_tokenizer", "audio_tokenizer"):
-        sub = model_dir / name
-        found.append(load_codec(sub) if sub.is_dir() else None)
-    return tuple(found)
+    return (ImageTokenizer if modality == "image" else AudioTokenizer).load(sub)
