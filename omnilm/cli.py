@@ -43,6 +43,12 @@ def cmd_generate(args):
         seed=args.seed,
         eos_token_id=eos or None,
     )
+    if args.guidance_scale is not None:  # classifier-free guidance of image spans (discrete models)
+        if getattr(model, "discrete", None) is None:
+            raise OmniLMError(
+                "--guidance-scale: this model does not generate images (it has no discrete config)"
+            )
+        settings["guidance_scale"] = args.guidance_scale
     ids = batch["input_ids"]
     if args.stream:
         new = _print_stream(model.stream(ids, **settings), tok)
@@ -221,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--output-image", default=None)
     p.add_argument("--output-audio", default=None)
+    p.add_argument("--guidance-scale", type=_non_negative, default=None, help="CFG scale for image spans")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.set_defaults(func=cmd_generate)

@@ -313,6 +313,17 @@ def test_cli_generate_writes_png_and_wav(tmp_path, capsys):
     wave, rate = soundfile.read(wav, dtype="float32")
     assert rate == 16000
     np.testing.assert_allclose(wave, codec.decode(aud.view(2, 2).T[None]).flatten().numpy(), atol=1e-4)
+    guided = tmp_path / "guided.png"
+    assert main(argv + ["--guidance-scale", "3", "--output-image", str(guided)]) == 0
+    assert Image.open(guided).size == (12, 12)
+    assert (
+        main(
+            ["generate", "--model", str(tmp_path), "--prompt", "x", "--output-image", str(png)]
+            + ["--max-new-tokens", "1"]
+        )
+        == 2
+    )
+    assert "no image span" in capsys.readouterr().err
 
 
 def test_continuous_understanding_beside_discrete_generation():
