@@ -73,15 +73,13 @@ class DiscreteModalities(nn.Module):
         parts += [head(hidden) for head in (self.image_head, self.audio_head) if head is not None]
         return torch.cat(parts, dim=-1)
 
-    def loss(
-        self, logits: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Next-token loss with each position scored by its target's head; returns (loss, per-modality losses).
+    def loss_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple]]:
+        """Summed next-token cross-entropy, each position scored by its target's head, for loops that
+        divide by a global token count themselves (training/loop.py under data parallelism).
 
         logits (B, T, V) and labels (B, T) are aligned as in OmniModel.forward (labels[:, t + 1] is the
-        target of logits[:, t]; -100 is ignored). The total is the weighted token mean
-        sum_m w_m * CE_sum_m / sum_m w_m * n_m, which is the plain token mean when all weights are 1;
-        the per-modality losses are unweighted token means of the modalities present in the batch.
+        target of logits[:, t]; -100 is ignored). Returns (sum_m w_m * CE_sum_m, {modality: (CE_sum_m,
+        n_m)}) over the modalities present in the batch.
         """
         cfg = self.cfg
         logits = logits[:, :-1].flatten(0, 1)  # (N, V)
@@ -89,18 +87,31 @@ class DiscreteModalities(nn.Module):
         valid = targets != -100
         modality = modality_of(targets, cfg)
         weights = (cfg.text_loss_weight, cfg.image_loss_weight, cfg.audio_loss_weight)
-        total = logits.new_zeros((), dtype=torch.float32)
-        denom = logits.new_zeros((), dtype=torch.float32)
-        losses = {}
+        total = logits.sum() * 0.0  # a zero that still backpropagates when nothing is scored
+        sums = {}
         for m, (lo, hi) in enumerate(modality_ranges(cfg)):
             sel = valid & (modality == m)
             n = int(sel.sum())
             if n == 0 or hi == lo:
                 continue
             ce = F.cross_entropy(logits[sel, lo:hi].float(), targets[sel] - lo, reduction="sum")
-            losses[MODALITIES[m]] = ce / n
+            sums[MODALITIES[m]] = (ce, n)
             total = total + weights[m] * ce
-            denom = denom + weights[m] * n
-        if not losses:  # nothing to score: a zero that still backpropagates
-            return logits.sum() * 0.0, losses
-        return total / denom.clamp(min=1e-12), losses
+        return total, sums
+
+    def loss(
+        self, logits: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, per-modality losses). The loss is the weighted token mean
+        sum_m w_m * CE_sum_m / sum_m w_m * n_m, the plain token mean when all weights are 1; the
+        per-modality losses are unweighted token means of the modalities present in the batch."""
+        total, sums = self.loss_sums(logits, labels)
+        weights = dict(
+            zip(
+                MODALITIES,
+                (self.cfg.text_loss_weight, self.cfg.image_loss_weight, self.cfg.audio_loss_weight),
+            )
+        )
+        denom = sum(weights[m] * n for m, (_, n) in sums.items())
+        losses = {m: ce / n for m, (ce, n) in sums.items()}
+        return (total / denom if denom > 0 else total), losses
