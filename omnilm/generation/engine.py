@@ -58,7 +58,7 @@ def compiled_decode_step(lm, device_type: str):
     """`_decode_step` under torch.compile.
 
     CUDA: mode="reduce-overhead", i.e. CUDA graphs. CPU: inductor with freezing (weights folded in
-    as constants, linears on prepacked oneDNN weights) and a C++ wrapper, which removes most of the
+    as constants, so inductor may prepack them for its kernels) and a C++ wrapper, which removes most of the
     per-op Python overhead of a small model; since frozen weights are copies, the step is compiled
     again when the parameters were modified in place since.
     """
