@@ -207,6 +207,19 @@ class Trainer:
             dist.all_reduce(t)
         return t
 
+    def _loss_sum(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy. A model with discrete image/audio heads scores each position
+        with its target's head (weighted per modality), as OmniModel.forward(labels=...) does."""
+        discrete = getattr(self.model, "discrete", None)
+        if discrete is not None:
+            return discrete.loss_sums(logits, labels)[0]
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(),
+            labels[:, 1:].flatten(),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
         """One optimizer step over this process's micro-batches; returns (loss, grad norm)."""
         device = self.dist.device
@@ -227,12 +240,7 @@ class Trainer:
             labels = batch.pop("labels")
             with autocast:
                 logits = self.model(**batch).logits  # (B, T, V)
-            ce = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(),
-                labels[:, 1:].flatten(),
-                ignore_index=IGNORE,
-                reduction="sum",
-            )
+            ce = self._loss_sum(logits, labels)
             (ce * scale).backward()
             loss_sum += ce.detach()
         loss = self._all_reduce(loss_sum) / n_tokens.clamp(min=1)
