@@ -29,7 +29,8 @@ def cmd_generate(args):
     model_dir = checkpoint_dir(omnilm._resolve(args.model))
     processor = omnilm.load_processor(model_dir)
     batch = _prompt_batch(args, processor, model_dir)
-    model = omnilm.load(model_dir, device=args.device, dtype=args.dtype)
+    dtype = args.dtype or ("bfloat16" if args.device and args.device.startswith("cuda") else None)
+    model = omnilm.load(model_dir, device=args.device, dtype=dtype)
     tok = processor.tokenizer
     eos = [i for i in (tok.eos_token_id, tok.eot_token_id) if i is not None]
     settings = dict(
@@ -73,17 +74,14 @@ def _prompt_batch(args, processor, model_dir):
 
 
 def _print_stream(tokens, tok) -> list[int]:
-    """Print text as tokens arrive: decode the growing sequence and print the new suffix, holding
-    back a trailing partial UTF-8 character (decoded as U+FFFD) until it completes."""
-    new, shown = [], ""
+    """Print text as tokens arrive (whole characters only); returns the new ids."""
+    from .generation.text import TextStream
+
+    text, new = TextStream(tok), []
     for t in tokens:
         new.append(int(t[0]))
-        text = tok.decode(new)
-        if text.endswith("\ufffd"):
-            continue
-        print(text[len(shown) :], end="", flush=True)
-        shown = text
-    print(tok.decode(new)[len(shown) :], flush=True)
+        print(text.push(t[0]), end="", flush=True)
+    print(text.finish(), flush=True)
     return new
 
 
