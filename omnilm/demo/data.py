@@ -5,9 +5,9 @@ answer (ids the model must produce, ending in eos) and its media tensors. Prompt
 `<|begin_of_text|>` (no chat template), with the media first, exactly what `processor(text=...,
 images=..., audio=..., files=...)` builds:
 
-    image -> text   [bos] <image x16> "which digit is this?"   -> "7" [eos]
-    audio -> text   [bos] <audio x25> "which number was dialled?" -> "4821" [eos]
-    PDF QA          [bos] "Invoice 4821 total 37" <image x16> "\\n\\n" "what is the total?" -> "37" [eos]
+    image -> text   [bos] <image x4> "which digit is this?"   -> "7" [eos]
+    audio -> text   [bos] <audio x12> "which number was dialled?" -> "4821" [eos]
+    PDF QA          [bos] "Invoice 4821 total 37" <image x4> "\\n\\n" "what is the total?" -> "37" [eos]
     text -> image   [bos] "draw a 7" -> <|image_start|> 16 codes <|image_end|> [eos]
 """
 
@@ -170,9 +170,11 @@ class TaskBuilder:
             for i, (label, p) in enumerate(zip(labels, prompts))
         ]
 
-    def audio_samples(self, n: int, rng: np.random.Generator, prompt: int | None = None) -> list[Sample]:
-        """n fresh dialled numbers of 3-5 digits -> "which number was dialled?" samples."""
-        numbers = [random_number(rng) for _ in range(n)]
+    def audio_samples(
+        self, n: int, rng: np.random.Generator, prompt: int | None = None, lengths: tuple[int, int] = (3, 5)
+    ) -> list[Sample]:
+        """n fresh dialled numbers of lengths[0]..lengths[1] digits -> "which number was dialled?" samples."""
+        numbers = [random_number(rng, *lengths) for _ in range(n)]
         ap = self.processor.audio_processor
         clips = [dtmf_clip(s, rng, ap.sampling_rate, ap.window_seconds) for s in numbers]
         feats = ap(clips, sampling_rate=ap.sampling_rate)["input_features"]  # (n, n_mels, frames)
