@@ -61,15 +61,22 @@ class DecoderConfig:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+                raise ConfigError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+                )
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ConfigError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ConfigError(f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
         if self.mlp not in ("swiglu", "gelu"):
             raise ConfigError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
-        if min(self.vocab_size, self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size) <= 0:
+        if (
+            min(self.vocab_size, self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size)
+            <= 0
+        ):
             raise ConfigError("decoder sizes must be positive")
 
 
@@ -114,23 +121,45 @@ class VisionConfig:
         if self.projector_act != "gelu":
             raise ConfigError(f"vision projector_act must be 'gelu', got {self.projector_act!r}")
         if self.feature_select not in ("full", "default"):
-            raise ConfigError(f"vision feature_select must be 'full' or 'default', got {self.feature_select!r}")
-        if min(self.image_size, self.patch_size, self.hidden_size, self.num_layers, self.num_heads, self.pixel_shuffle) <= 0:
+            raise ConfigError(
+                f"vision feature_select must be 'full' or 'default', got {self.feature_select!r}"
+            )
+        if (
+            min(
+                self.image_size,
+                self.patch_size,
+                self.hidden_size,
+                self.num_layers,
+                self.num_heads,
+                self.pixel_shuffle,
+            )
+            <= 0
+        ):
             raise ConfigError("vision sizes must be positive")
         if self.image_size < self.patch_size:
-            raise ConfigError(f"vision image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+            raise ConfigError(
+                f"vision image_size {self.image_size} is smaller than patch_size {self.patch_size}"
+            )
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(
+                f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
         for layer in self.feature_layers:
             if not -(self.num_layers + 1) <= layer <= self.num_layers:
-                raise ConfigError(f"vision feature_layer {layer} is out of range for {self.num_layers} layers")
+                raise ConfigError(
+                    f"vision feature_layer {layer} is out of range for {self.num_layers} layers"
+                )
         side = self.image_size // self.patch_size
         if self.pixel_shuffle > 1:
             if self.n_features != side * side:
-                raise ConfigError(f"vision pixel_shuffle needs a square patch grid; {self.kind} with feature_select "
-                                  f"{self.feature_select!r} gives {self.n_features} tokens")
+                raise ConfigError(
+                    f"vision pixel_shuffle needs a square patch grid; {self.kind} with feature_select "
+                    f"{self.feature_select!r} gives {self.n_features} tokens"
+                )
             if side % self.pixel_shuffle:
-                raise ConfigError(f"vision patch grid {side}x{side} is not divisible by pixel_shuffle {self.pixel_shuffle}")
+                raise ConfigError(
+                    f"vision patch grid {side}x{side} is not divisible by pixel_shuffle {self.pixel_shuffle}"
+                )
 
     @property
     def feature_layers(self) -> list[int]:
@@ -190,7 +219,9 @@ class AudioConfig:
     conv_bias: bool = False
     num_conv_pos_embeddings: int = 128
     num_conv_pos_embedding_groups: int = 16
-    feat_extract_norm: str = "group"  # "group": GroupNorm on the first conv only; "layer": LayerNorm on every conv
+    feat_extract_norm: str = (
+        "group"  # "group": GroupNorm on the first conv only; "layer": LayerNorm on every conv
+    )
     do_stable_layer_norm: bool = False  # pre-norm encoder layers (wav2vec2 large-lv60 style)
     # both
     sampling_rate: int = 16000
@@ -201,25 +232,35 @@ class AudioConfig:
         if self.kind not in ("whisper", "wav2vec2"):
             raise ConfigError(f"audio kind must be 'whisper' or 'wav2vec2', got {self.kind!r}")
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"audio hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(
+                f"audio hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
         if self.activation not in ("gelu", "gelu_new"):
             raise ConfigError(f"audio activation must be 'gelu' or 'gelu_new', got {self.activation!r}")
         if self.feat_extract_norm not in ("group", "layer"):
             raise ConfigError(f"feat_extract_norm must be 'group' or 'layer', got {self.feat_extract_norm!r}")
         if not (len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride)) or not self.conv_dim:
-            raise ConfigError(f"conv_dim, conv_kernel and conv_stride must have one equal, non-zero length, got "
-                              f"{len(self.conv_dim)}, {len(self.conv_kernel)}, {len(self.conv_stride)}")
+            raise ConfigError(
+                f"conv_dim, conv_kernel and conv_stride must have one equal, non-zero length, got "
+                f"{len(self.conv_dim)}, {len(self.conv_kernel)}, {len(self.conv_stride)}"
+            )
         if self.projector_stack < 1 or self.window_seconds <= 0 or self.sampling_rate <= 0:
             raise ConfigError("projector_stack, window_seconds and sampling_rate must be positive")
         if self.samples_per_window != self.window_seconds * self.sampling_rate:
-            raise ConfigError(f"window_seconds {self.window_seconds} x sampling_rate {self.sampling_rate} is not a whole "
-                              "number of samples")
+            raise ConfigError(
+                f"window_seconds {self.window_seconds} x sampling_rate {self.sampling_rate} is not a whole "
+                "number of samples"
+            )
         if self.kind == "whisper" and self.frames_per_window > self.max_source_positions:
-            raise ConfigError(f"a {self.window_seconds} s window gives {self.frames_per_window} encoder frames but "
-                              f"max_source_positions is {self.max_source_positions}")
+            raise ConfigError(
+                f"a {self.window_seconds} s window gives {self.frames_per_window} encoder frames but "
+                f"max_source_positions is {self.max_source_positions}"
+            )
         if self.tokens_per_window < 1:
-            raise ConfigError(f"a {self.window_seconds} s window gives {self.frames_per_window} encoder frames, fewer than "
-                              f"projector_stack {self.projector_stack}")
+            raise ConfigError(
+                f"a {self.window_seconds} s window gives {self.frames_per_window} encoder frames, fewer than "
+                f"projector_stack {self.projector_stack}"
+            )
 
     @property
     def samples_per_window(self) -> int:
@@ -240,6 +281,7 @@ class AudioConfig:
     def tokens_per_window(self) -> int:
         """Decoder tokens (placeholders) one window becomes after the frame-stack projector."""
         return self.frames_per_window // self.projector_stack
+
 
 # [discrete configs]
 
@@ -271,7 +313,9 @@ class DiscreteConfig:
     text_loss_weight: float = 1.0
     image_loss_weight: float = 1.0
     audio_loss_weight: float = 1.0
-    image_tokenizer: typing.Any = None  # optional ImageVQConfig the codes come from (checked against the sizes)
+    image_tokenizer: typing.Any = (
+        None  # optional ImageVQConfig the codes come from (checked against the sizes)
+    )
     audio_tokenizer: typing.Any = None  # optional AudioCodecConfig
     image_offset: int | None = None  # derived: text_vocab_size
     audio_offset: int | None = None  # derived: image_offset + image_vocab_size
@@ -286,24 +330,34 @@ class DiscreteConfig:
         if self.image_vocab_size and self.image_grid <= 0:
             raise ConfigError(f"DiscreteConfig.image_grid must be positive, got {self.image_grid}")
         if self.audio_vocab_size and (self.audio_codebooks <= 0 or self.audio_frames <= 0):
-            raise ConfigError(f"DiscreteConfig with audio needs positive audio_codebooks and audio_frames, got "
-                              f"{self.audio_codebooks} and {self.audio_frames}")
+            raise ConfigError(
+                f"DiscreteConfig with audio needs positive audio_codebooks and audio_frames, got "
+                f"{self.audio_codebooks} and {self.audio_frames}"
+            )
         for name in ("image_start_id", "image_end_id", "audio_start_id", "audio_end_id"):
             if not 0 <= getattr(self, name) < self.text_vocab_size:
-                raise ConfigError(f"DiscreteConfig.{name} {getattr(self, name)} is not a text id "
-                                  f"(text_vocab_size {self.text_vocab_size})")
+                raise ConfigError(
+                    f"DiscreteConfig.{name} {getattr(self, name)} is not a text id "
+                    f"(text_vocab_size {self.text_vocab_size})"
+                )
         if min(self.text_loss_weight, self.image_loss_weight, self.audio_loss_weight) < 0:
             raise ConfigError("DiscreteConfig loss weights must be >= 0")
         vq = self.image_tokenizer
         if vq is not None and (vq.codebook_size != self.image_vocab_size or vq.grid_size != self.image_grid):
-            raise ConfigError(f"DiscreteConfig image_vocab_size {self.image_vocab_size} / image_grid {self.image_grid} "
-                              f"do not match the image tokenizer's codebook_size {vq.codebook_size} / grid_size "
-                              f"{vq.grid_size}")
+            raise ConfigError(
+                f"DiscreteConfig image_vocab_size {self.image_vocab_size} / image_grid {self.image_grid} "
+                f"do not match the image tokenizer's codebook_size {vq.codebook_size} / grid_size "
+                f"{vq.grid_size}"
+            )
         codec = self.audio_tokenizer
-        if codec is not None and (codec.codebook_size != self.audio_vocab_size or codec.n_q != self.audio_codebooks):
-            raise ConfigError(f"DiscreteConfig audio_vocab_size {self.audio_vocab_size} / audio_codebooks "
-                              f"{self.audio_codebooks} do not match the audio codec's codebook_size "
-                              f"{codec.codebook_size} / n_q {codec.n_q}")
+        if codec is not None and (
+            codec.codebook_size != self.audio_vocab_size or codec.n_q != self.audio_codebooks
+        ):
+            raise ConfigError(
+                f"DiscreteConfig audio_vocab_size {self.audio_vocab_size} / audio_codebooks "
+                f"{self.audio_codebooks} do not match the audio codec's codebook_size "
+                f"{codec.codebook_size} / n_q {codec.n_q}"
+            )
         self.image_offset = self.text_vocab_size
         self.audio_offset = self.image_offset + self.image_vocab_size
 
@@ -342,7 +396,9 @@ class ImageVQConfig:
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
             raise ConfigError(f"ImageVQConfig.downsample must be a power of 2, got {self.downsample}")
         if self.image_size % self.downsample:
-            raise ConfigError(f"ImageVQConfig.image_size {self.image_size} is not divisible by downsample {self.downsample}")
+            raise ConfigError(
+                f"ImageVQConfig.image_size {self.image_size} is not divisible by downsample {self.downsample}"
+            )
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ImageVQConfig.ema_decay must be in (0, 1), got {self.ema_decay}")
         if min(self.channels, self.codebook_size, self.code_dim, self.in_channels) <= 0:
@@ -466,26 +522,53 @@ ModelConfig.to_dict = lambda self: config_to_dict(self)
 
 # ---- presets --------------------------------------------------------------------------------------
 
-LLAMA3_ROPE_1B = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-LLAMA3_ROPE_8B = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+# fmt: off  (presets read best as one line per value group)
+LLAMA3_ROPE_1B = RopeScaling(
+    factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
+LLAMA3_ROPE_8B = RopeScaling(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
 
 
 def _tiny():
     # Tests and the CPU toy: small enough to train in seconds, vocab of the embedded default tokenizer.
     return ModelConfig(
-        decoder=DecoderConfig(vocab_size=2048, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                              intermediate_size=192, max_seq_len=1024, rope_theta=10000.0,
-                              bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        decoder=DecoderConfig(
+            vocab_size=2048,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=192,
+            max_seq_len=1024,
+            rope_theta=10000.0,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
         source="OmniLM test preset (no external source)",
     )
 
 
 def _llama(hidden, layers, heads, kv, ffn, head_dim, rope, tie, source):
     return ModelConfig(
-        decoder=DecoderConfig(vocab_size=128256, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
-                              intermediate_size=ffn, head_dim=head_dim, max_seq_len=131072, rope_theta=500000.0,
-                              rope_scaling=rope, tie_embeddings=tie, norm_eps=1e-5,
-                              bos_token_id=128000, eos_token_id=[128001, 128008, 128009]),
+        decoder=DecoderConfig(
+            vocab_size=128256,
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv,
+            intermediate_size=ffn,
+            head_dim=head_dim,
+            max_seq_len=131072,
+            rope_theta=500000.0,
+            rope_scaling=rope,
+            tie_embeddings=tie,
+            norm_eps=1e-5,
+            bos_token_id=128000,
+            eos_token_id=[128001, 128008, 128009],
+        ),
         source=source,
     )
 
@@ -493,36 +576,94 @@ def _llama(hidden, layers, heads, kv, ffn, head_dim, rope, tie, source):
 PRESETS = {
     "tiny": _tiny,
     # meta-llama/Llama-3.2-1B config.json (https://huggingface.co/meta-llama/Llama-3.2-1B); seed 004
-    "llama-3.2-1b": lambda: _llama(2048, 16, 32, 8, 8192, 64, LLAMA3_ROPE_1B, True,
-                                   "https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json"),
+    "llama-3.2-1b": lambda: _llama(
+        2048,
+        16,
+        32,
+        8,
+        8192,
+        64,
+        LLAMA3_ROPE_1B,
+        True,
+        "https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json",
+    ),
     # meta-llama/Llama-3.2-3B config.json
-    "llama-3.2-3b": lambda: _llama(3072, 28, 24, 8, 8192, 128, LLAMA3_ROPE_1B, True,
-                                   "https://huggingface.co/meta-llama/Llama-3.2-3B/blob/main/config.json"),
+    "llama-3.2-3b": lambda: _llama(
+        3072,
+        28,
+        24,
+        8,
+        8192,
+        128,
+        LLAMA3_ROPE_1B,
+        True,
+        "https://huggingface.co/meta-llama/Llama-3.2-3B/blob/main/config.json",
+    ),
     # meta-llama/Llama-3.1-8B config.json
-    "llama-3.1-8b": lambda: _llama(4096, 32, 32, 8, 14336, 128, LLAMA3_ROPE_8B, False,
-                                   "https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json"),
+    "llama-3.1-8b": lambda: _llama(
+        4096,
+        32,
+        32,
+        8,
+        14336,
+        128,
+        LLAMA3_ROPE_8B,
+        False,
+        "https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json",
+    ),
     # The unified discrete-token transformer (seeds/002): hidden 4096, 36 layers, 32 heads, FFN 16384,
     # pre-LayerNorm, GELU FFN, RoPE, text vocab 50257 (+ image 16384 and audio 1024 codes, added by the
     # discrete path), max sequence 4096.
     "unified-8b": lambda: ModelConfig(
-        decoder=DecoderConfig(vocab_size=50261, hidden_size=4096, num_layers=36, num_heads=32, intermediate_size=16384,
-                              max_seq_len=4096, norm="layernorm", mlp="gelu", rope_theta=10000.0, tie_embeddings=False),
+        decoder=DecoderConfig(
+            vocab_size=50261,
+            hidden_size=4096,
+            num_layers=36,
+            num_heads=32,
+            intermediate_size=16384,
+            max_seq_len=4096,
+            norm="layernorm",
+            mlp="gelu",
+            rope_theta=10000.0,
+            tie_embeddings=False,
+        ),
         # text ids: GPT-2's 50257 plus the four span markers at 50257..50260; an image is a 32 x 32 VQ
         # grid (1,024 tokens); audio spans are 5 s of a 75 Hz codec (EnCodec 24 kHz) with 4 codebooks
-        discrete=DiscreteConfig(text_vocab_size=50261, image_vocab_size=16384, image_grid=32, audio_vocab_size=1024,
-                                audio_codebooks=4, audio_frames=375, image_start_id=50257, image_end_id=50258,
-                                audio_start_id=50259, audio_end_id=50260),
+        discrete=DiscreteConfig(
+            text_vocab_size=50261,
+            image_vocab_size=16384,
+            image_grid=32,
+            audio_vocab_size=1024,
+            audio_codebooks=4,
+            audio_frames=375,
+            image_start_id=50257,
+            image_end_id=50258,
+            audio_start_id=50259,
+            audio_end_id=50260,
+        ),
         source="seeds/002 (unified discrete-token transformer, ~8B)",
     ),
     # The 88B design (seeds/001): L=110, D=8192, H=64 (head_dim 128), multi-query attention, ~50k BPE
     # vocabulary (GPT-2's 50257), 4*D GELU FFN as the 12*L*D^2 estimate assumes, 8192-token sequences.
     "design-88b": lambda: ModelConfig(
-        decoder=DecoderConfig(vocab_size=50257, hidden_size=8192, num_layers=110, num_heads=64, num_kv_heads=1,
-                              intermediate_size=32768, max_seq_len=8192, mlp="gelu", rope_theta=10000.0,
-                              tie_embeddings=False),
+        decoder=DecoderConfig(
+            vocab_size=50257,
+            hidden_size=8192,
+            num_layers=110,
+            num_heads=64,
+            num_kv_heads=1,
+            intermediate_size=32768,
+            max_seq_len=8192,
+            mlp="gelu",
+            rope_theta=10000.0,
+            tie_embeddings=False,
+        ),
         source="seeds/001 (the 88B multimodal design)",
     ),
 }
+
+
+# fmt: on
 
 
 def get_preset(name: str) -> ModelConfig:
