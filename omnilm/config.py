@@ -522,7 +522,6 @@ ModelConfig.to_dict = lambda self: config_to_dict(self)
 
 # ---- presets --------------------------------------------------------------------------------------
 
-# fmt: off  (presets read best as one line per value group)
 LLAMA3_ROPE_1B = RopeScaling(
     factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
 )
@@ -661,9 +660,6 @@ PRESETS = {
         source="seeds/001 (the 88B multimodal design)",
     ),
 }
-
-
-# fmt: on
 
 
 def get_preset(name: str) -> ModelConfig:
