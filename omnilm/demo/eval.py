@@ -69,8 +69,8 @@ def answer_accuracy(
 def draw_digits(
     model,
     prompts: list[list[int]],
-    temperature: float = 0.7,
-    top_k: int = 20,
+    temperature: float = 0.5,
+    top_k: int = 10,
     seed: int = 0,
     batch_size: int = 100,
 ) -> torch.Tensor:
