@@ -94,12 +94,12 @@ def test_quick_demo_end_to_end(quick_run, capsys):
         "train_seconds",
     }
     assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k != "train_seconds")
-    # lower bounds a broken pipeline fails (chance: 0.1 for a digit). 300 steps are too few for the
+    # lower bounds a broken pipeline fails (chance: 0.1 for a digit). 600 steps are too few for the
     # dialled numbers (the full demo needs ~1000), so audio is only checked for well-formed answers below.
     assert metrics["image_to_text_acc"] >= 0.6
     assert metrics["pdf_qa_acc"] >= 0.4
-    assert metrics["text_to_image_acc"] >= 0.3
-    assert 0 < metrics["train_seconds"] < 120
+    assert metrics["text_to_image_acc"] >= 0.4
+    assert metrics["train_seconds"] > 0
     assert (out / "generated_digits.png").is_file()
     assert json.loads((out / "metrics.json").read_text())["quick"] is True
 

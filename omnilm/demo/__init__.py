@@ -45,8 +45,8 @@ class DemoSettings:
         # too short for the audio path to leave its plateau: the quick run checks the pipeline, and
         # images, PDFs and drawings, not the dialled numbers
         return cls(
-            steps=300,
-            vq_steps=60,
+            steps=600,
+            vq_steps=200,
             pdf_pool=150,
             lr=3e-3,
             draw_variants=1,
