@@ -114,15 +114,8 @@ def build_processor(cfg: ModelConfig, tokenizer: TextTokenizer) -> Processor:
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> OmniModel:
-    from ..models.audio.whisper import sinusoids
-
     torch.manual_seed(seed)
-    model = OmniModel(cfg).init_weights()
-    # init_weights draws every nn.Embedding from N(0, std), Whisper's fixed sinusoidal position table
-    # included (it is never trained): put the sinusoids back
-    table = model.audio_tower.embed_positions.weight
-    with torch.no_grad():
-        table.copy_(sinusoids(table.shape[0], table.shape[1]))
+    model = OmniModel(cfg).init_weights()  # Whisper's fixed sinusoidal positions survive init_weights
     model.hf_format = "omnilm"
     return model
 

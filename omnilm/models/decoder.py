@@ -146,7 +146,8 @@ class CausalLM(nn.Module):
 
 
 def init_weights(module: nn.Module, std: float = 0.02):
-    """Normal(0, std) for linear and embedding weights, zeros for biases, ones for norms."""
+    """Normal(0, std) for linear and embedding weights, zeros for biases, ones for norms; modules with
+    a `reset_fixed_parameters()` method then restore their non-trained tables."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)
@@ -162,3 +163,6 @@ def init_weights(module: nn.Module, std: float = 0.02):
             nn.init.ones_(m.weight)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+    for m in module.modules():  # fixed tables stored as weights (Whisper's sinusoids) are put back
+        if hasattr(m, "reset_fixed_parameters"):
+            m.reset_fixed_parameters()

@@ -56,10 +56,15 @@ class WhisperEncoder(nn.Module):
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         # A fixed table stored as a weight, as Hugging Face checkpoints hold it; never trained.
         self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
-        self.embed_positions.weight.data.copy_(sinusoids(cfg.max_source_positions, d))
+        self.reset_fixed_parameters()
         self.embed_positions.requires_grad_(False)
         self.layers = nn.ModuleList(WhisperEncoderLayer(cfg) for _ in range(cfg.num_layers))
         self.layer_norm = LayerNorm(d, eps=cfg.layer_norm_eps)
+
+    def reset_fixed_parameters(self):
+        with torch.no_grad():
+            w = self.embed_positions.weight
+            w.copy_(sinusoids(w.shape[0], w.shape[1]).to(w.dtype))
 
     def forward(self, input_features: torch.Tensor) -> torch.Tensor:  # (B, n_mels, n_frames)
         if input_features.dim() != 3 or input_features.shape[1] != self.config.num_mel_bins:
