@@ -9,6 +9,7 @@ import soundfile
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_cli_errors import make_parts
 
 import omnilm
 
@@ -18,48 +19,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    llama = transformers.LlamaConfig(
-        vocab_size=2048,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    transformers.LlamaForCausalLM(llama).save_pretrained(root / "llama")
-    siglip = transformers.SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    transformers.SiglipVisionModel(siglip).save_pretrained(root / "siglip")
-    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "siglip")
-    whisper = transformers.WhisperConfig(
-        d_model=32,
-        encoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_layers=1,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        num_mel_bins=80,
-        max_source_positions=1500,
-        vocab_size=100,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=1,
-    )
-    transformers.WhisperModel(whisper).save_pretrained(root / "whisper")
-    transformers.WhisperFeatureExtractor(feature_size=80).save_pretrained(root / "whisper")
+    make_parts(root)  # tiny random Llama, SigLIP and Whisper directories
     img = Image.fromarray((np.indices((40, 40)).sum(0) * 3 % 256).astype(np.uint8)).convert("RGB")
     img.save(root / "a.png")
     t = np.arange(16000) / 16000
@@ -75,8 +35,8 @@ def test_compose_keeps_pretrained_weights_and_runs(parts, tmp_path):
     model = omnilm.load(out)
     siglip = load_file(parts / "siglip" / "model.safetensors")
     assert torch.equal(
-        model.vision_tower.state_dict()["encoder.layers.2.mlp.fc1.weight"],
-        siglip["encoder.layers.2.mlp.fc1.weight"],
+        model.vision_tower.state_dict()["encoder.layers.1.mlp.fc1.weight"],
+        siglip["encoder.layers.1.mlp.fc1.weight"],
     )
     llama = load_file(parts / "llama" / "model.safetensors")
     assert torch.equal(
