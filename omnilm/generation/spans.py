@@ -14,12 +14,12 @@ into PIL images and waveforms with them.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError, ContextLengthError, MediaError
+from .engine import COMPILED_LEN_MULTIPLE, CUDA_SYNC_EVERY, _idle_caches, _take_cache
 from .sampling import sample
 
 # controller states
@@ -145,10 +145,8 @@ def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
 
 # ---- the decode loop ---------------------------------------------------------------------------------
 
-# As in engine.py: a compiled step sees the cache length rounded up to a multiple of this, and on
-# CUDA the loop reads "all rows finished" from the device only every CUDA_SYNC_EVERY steps.
-COMPILED_LEN_MULTIPLE = 256
-CUDA_SYNC_EVERY = 16
+# The compiled-step constants (cache length rounded to COMPILED_LEN_MULTIPLE, a host read every
+# CUDA_SYNC_EVERY steps on CUDA) and the idle-cache pool are engine.py's, shared by both loops.
 
 
 def _decode_step(model, cache, token, position_ids, slot, key_valid, kv_len, only=None):
@@ -174,23 +172,6 @@ def _compiled_step(device_type: str):
         mode = "reduce-overhead" if device_type == "cuda" else "default"
         _compiled_steps[device_type] = torch.compile(_decode_step, mode=mode, fullgraph=True, dynamic=False)
     return _compiled_steps[device_type]
-
-
-# One idle cache per model when compiled: a CUDA graph records buffer addresses, so a later call of
-# the same shape replays it instead of recording a new one.
-_idle_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _take_cache(model, rows: int, length: int, keep: bool):
-    lm = model.language_model
-    cache = _idle_caches.pop(model, None) if keep else None
-    if cache is None or cache.layers[0].k.shape[0] != rows or cache.max_len != length:
-        cache = lm.make_cache(rows, length)
-        if keep:
-            for layer in cache.layers:
-                torch._dynamo.mark_static_address(layer.k)
-                torch._dynamo.mark_static_address(layer.v)
-    return cache
 
 
 @torch.inference_mode()
@@ -283,7 +264,7 @@ def stream(
     slots = torch.arange(length, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
-    cache = _take_cache(model, rows, length, keep=compile)
+    cache = _take_cache(model.language_model, rows, length, keep=compile)
     try:
         logits = model(
             input_ids,
@@ -334,7 +315,7 @@ def stream(
                 )
     finally:
         if compile:
-            _idle_caches[model] = cache
+            _idle_caches[model.language_model] = cache
 
 
 def _pad_to(x: torch.Tensor, T: int, value: int) -> torch.Tensor:
