@@ -371,6 +371,10 @@ def load(path, device=None, dtype=None):
         from .vision import load_llava
 
         return load_llava(path, hf, device, dtype)
+    if model_type == "mllama":
+        from .mllama import load_mllama
+
+        return load_mllama(path, hf, device, dtype)
     raise CheckpointError(
         f"{path}/config.json: model_type {model_type!r} is not supported by omnilm.load "
         "(expected 'llama', 'llava' or an OmniLM checkpoint)"
@@ -379,6 +383,10 @@ def load(path, device=None, dtype=None):
 
 def save_pretrained(model, path):
     fmt = getattr(model, "hf_format", "omnilm")
+    if fmt == "mllama":
+        from .mllama import save_mllama
+
+        return save_mllama(model, path)
     has_extras = (
         any(getattr(model, n, None) is not None for n in ("vision_tower", "audio_tower"))
         or model.config.discrete

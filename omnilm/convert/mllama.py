@@ -1,0 +1,159 @@
+"""Llama-3.2-Vision (`model_type: mllama`) checkpoints: config map, key map, load and save.
+
+Key layouts read (both map onto MllamaModel's names):
+- the Hub layout (what transformers also writes): `language_model.model.*`, `language_model.lm_head.*`,
+  `vision_model.*`, `multi_modal_projector.*` -- identical to OmniLM's names;
+- transformers 5's runtime layout: `model.language_model.*`, `lm_head.*`, `model.vision_model.*`,
+  `model.multi_modal_projector.*`.
+The Hub layout is written back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import CrossAttentionConfig, MllamaVisionConfig, ModelConfig
+from ..errors import CheckpointError
+from .hf import (
+    decoder_config_from_hf,
+    decoder_config_to_hf,
+    init_empty_weights,
+    load_strict,
+    read_state_dict,
+    retie,
+    write_state_dict,
+)
+
+RUNTIME_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_model.", "vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+MLLAMA_EXTRA_EMBEDDINGS = 8  # embed_tokens has vocab_size + 8 rows in every Mllama checkpoint
+
+
+def vision_config_from_hf(d: dict) -> MllamaVisionConfig:
+    image_size, patch_size = d.get("image_size", 448), d.get("patch_size", 14)
+    for name, v in (("image_size", image_size), ("patch_size", patch_size)):
+        if not isinstance(v, int):
+            raise CheckpointError(
+                f"config.json: vision_config.{name} {v!r} must be one integer (square tiles)"
+            )
+    cfg = MllamaVisionConfig(
+        hidden_size=d.get("hidden_size", 1280),
+        intermediate_size=d.get("intermediate_size", 5120),
+        num_layers=d.get("num_hidden_layers", 32),
+        num_global_layers=d.get("num_global_layers", 8),
+        num_heads=d.get("attention_heads", d.get("num_attention_heads", 16)),
+        num_channels=d.get("num_channels", 3),
+        image_size=image_size,
+        patch_size=patch_size,
+        norm_eps=d.get("norm_eps", 1e-5),
+        hidden_act=d.get("hidden_act", "gelu"),
+        max_num_tiles=d.get("max_num_tiles", 4),
+        intermediate_layers_indices=d.get("intermediate_layers_indices") or [3, 7, 15, 23, 30],
+        supported_aspect_ratios=d.get("supported_aspect_ratios"),
+    )
+    out_dim = d.get("vision_output_dim")
+    if out_dim is not None and out_dim != cfg.output_dim:
+        raise CheckpointError(
+            f"config.json: vision_config.vision_output_dim {out_dim} != hidden_size x (1 + "
+            f"{len(cfg.intermediate_layers_indices)} intermediate layers) = {cfg.output_dim}"
+        )
+    return cfg
+
+
+def mllama_model_config(hf: dict, source: str = "") -> ModelConfig:
+    text = dict(hf.get("text_config") or {})
+    if not text:
+        raise CheckpointError("config.json: model_type mllama needs a text_config")
+    text.pop("head_dim", None)  # Mllama always uses hidden_size // num_attention_heads
+    text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+    text.setdefault("rms_norm_eps", 1e-5)
+    decoder = decoder_config_from_hf(text)
+    layers = text.get("cross_attention_layers")
+    if layers is None:
+        layers = [3, 8, 13, 18, 23, 28, 33, 38]
+    ca = CrossAttentionConfig(
+        layers=list(layers),
+        vision=vision_config_from_hf(hf.get("vision_config") or {}),
+        image_token_id=hf.get("image_token_index", hf.get("image_token_id", 128256)),
+        extra_embeddings=MLLAMA_EXTRA_EMBEDDINGS,
+    )
+    return ModelConfig(decoder=decoder, cross_attention=ca, source=source)
+
+
+def mllama_config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    ca, v = cfg.cross_attention, cfg.cross_attention.vision
+    text = decoder_config_to_hf(cfg.decoder)
+    for k in ("architectures", "head_dim", "attention_bias", "mlp_bias"):
+        text.pop(k, None)
+    text.update(model_type="mllama_text_model", cross_attention_layers=list(ca.layers), dtype=dtype)
+    text.pop("torch_dtype", None)
+    vision = {
+        "model_type": "mllama_vision_model",
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers,
+        "num_global_layers": v.num_global_layers,
+        "attention_heads": v.num_heads,
+        "num_channels": v.num_channels,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "norm_eps": v.norm_eps,
+        "hidden_act": v.hidden_act,
+        "max_num_tiles": v.max_num_tiles,
+        "intermediate_layers_indices": list(v.intermediate_layers_indices),
+        "supported_aspect_ratios": [list(r) for r in v.supported_aspect_ratios],
+        "vision_output_dim": v.output_dim,
+        "dtype": dtype,
+    }
+    return {
+        "architectures": ["MllamaForConditionalGeneration"],
+        "model_type": "mllama",
+        "image_token_index": ca.image_token_id,
+        "text_config": text,
+        "vision_config": vision,
+        "tie_word_embeddings": cfg.decoder.tie_embeddings,
+        "dtype": dtype,
+    }
+
+
+def mllama_state_from_hf(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        for src, dst in RUNTIME_PREFIXES:
+            if k.startswith(src):
+                k = dst + k[len(src) :]
+                break
+        out[k] = v
+    return out
+
+
+def load_mllama(path, hf_config: dict, device=None, dtype=None):
+    from ..models.mllama import MllamaModel
+
+    cfg = mllama_model_config(hf_config, source=str(path))
+    if cfg.cross_attention.extra_embeddings and cfg.decoder.tie_embeddings:
+        raise CheckpointError(f"{path}/config.json: tied embeddings are not supported for mllama")
+    with init_empty_weights():
+        model = MllamaModel(cfg)
+    load_strict(
+        model, mllama_state_from_hf(read_state_dict(path)), source=str(path), dtype=dtype, device=device
+    )
+    retie(model)
+    model.hf_format = "mllama"
+    return model.eval()
+
+
+def save_mllama(model, path):
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = str(model.dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(mllama_config_to_hf(model.config, dtype), indent=2))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("vision_tower.", "audio_"))}
+    if model.config.decoder.tie_embeddings:
+        state.pop("language_model.lm_head.weight", None)
+    write_state_dict(state, path)
