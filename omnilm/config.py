@@ -680,6 +680,18 @@ def _llama(hidden, layers, heads, kv, ffn, head_dim, rope, tie, source):
     )
 
 
+def _llama_vision(source):
+    cfg = _llama(4096, 40, 32, 8, 14336, 128, LLAMA3_ROPE_8B, False, source)
+    cfg.decoder.eos_token_id, cfg.decoder.pad_token_id = 128001, 128004
+    cfg.cross_attention = CrossAttentionConfig(
+        layers=[3, 8, 13, 18, 23, 28, 33, 38],
+        vision=MllamaVisionConfig(image_size=560, patch_size=14, max_num_tiles=4),
+        image_token_id=128256,
+        extra_embeddings=8,
+    )
+    return cfg
+
+
 PRESETS = {
     "tiny": _tiny,
     # meta-llama/Llama-3.2-1B config.json (https://huggingface.co/meta-llama/Llama-3.2-1B); seed 004
@@ -717,6 +729,11 @@ PRESETS = {
         LLAMA3_ROPE_8B,
         False,
         "https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json",
+    ),
+    # meta-llama/Llama-3.2-11B-Vision config.json: a Llama-3.1-8B-shaped text model with 8 gated
+    # cross-attention layers among its 40, 560-px tiles (up to 4) through a 32 + 8 layer vision encoder
+    "llama-3.2-11b-vision": lambda: _llama_vision(
+        "https://huggingface.co/meta-llama/Llama-3.2-11B-Vision/blob/main/config.json"
     ),
     # The unified discrete-token transformer (seeds/002): hidden 4096, 36 layers, 32 heads, FFN 16384,
     # pre-LayerNorm, GELU FFN, RoPE, text vocab 50257 (+ image 16384 and audio 1024 codes, added by the

@@ -383,7 +383,7 @@ def load(path, device=None, dtype=None):
 
 def save_pretrained(model, path):
     fmt = getattr(model, "hf_format", "omnilm")
-    if fmt == "mllama":
+    if fmt == "mllama" or getattr(model.config, "cross_attention", None) is not None:
         from .mllama import save_mllama
 
         return save_mllama(model, path)
