@@ -89,8 +89,11 @@ def load_encoder(path, device=None, dtype=None):
 
 def load_processor(path):
     """The processor of a model directory: text tokenizer plus image/audio preprocessing."""
+    from .processing.mllama import MllamaProcessor, is_mllama_dir
     from .processing.multimodal import load_processor as _load_processor
 
+    if is_mllama_dir(_resolve(path)):
+        return MllamaProcessor.from_pretrained(_resolve(path))
     return _load_processor(_resolve(path))
 
 

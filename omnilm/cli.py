@@ -44,6 +44,10 @@ def cmd_generate(args):
         seed=args.seed,
         eos_token_id=eos or None,
     )
+    # family inputs a processor adds (mllama: aspect ratios and the cross-attention mask)
+    settings.update(
+        {k: batch[k] for k in ("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask") if k in batch}
+    )
     if args.guidance_scale is not None:  # classifier-free guidance of image spans (discrete models)
         if getattr(model, "discrete", None) is None:
             raise OmniLMError(

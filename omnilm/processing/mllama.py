@@ -217,3 +217,102 @@ def cross_attention_mask(
                 raise MediaError(f"image {i} of prompt {b} has {n} tiles, over max_num_tiles {max_num_tiles}")
             out[b, start : min(end, length), i, :n] = 1
     return out
+
+
+class MllamaProcessor:
+    """Text with <|image|> markers plus images -> the inputs MllamaModel takes (transformers' names).
+
+    The marker becomes the model's image token id (config.json image_token_index); the rest of the
+    text is encoded as untrusted text. A batch of prompts is left-padded (generation needs that)."""
+
+    def __init__(self, tokenizer, image_processor: MllamaImageProcessor, image_token_id: int):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self.prompt_format = "plain"
+
+    @classmethod
+    def from_pretrained(cls, path) -> MllamaProcessor:
+        from ..tokenizers.text import TextTokenizer
+
+        path = Path(path)
+        hf = json.loads((path / "config.json").read_text())
+        vision = hf.get("vision_config") or {}
+        max_tiles = vision.get("max_num_tiles", 4)
+        f = path / "preprocessor_config.json"
+        d = json.loads(f.read_text()) if f.is_file() else {"size": {"height": vision.get("image_size", 560)}}
+        d.setdefault(
+            "size", {"height": vision.get("image_size", 560), "width": vision.get("image_size", 560)}
+        )
+        proc = MllamaImageProcessor.from_dict(d)
+        if proc.max_num_tiles > max_tiles:
+            raise ConfigError(
+                f"{f}: max_image_tiles {proc.max_num_tiles} is over the model's max_num_tiles {max_tiles}"
+            )
+        if proc.tile_size != vision.get("image_size", proc.tile_size):
+            raise ConfigError(
+                f"{f}: tile size {proc.tile_size} != the model's vision image_size {vision.get('image_size')}"
+            )
+        proc.supported_aspect_ratios = vision.get("supported_aspect_ratios") or all_aspect_ratios(max_tiles)
+        proc.max_num_tiles = max_tiles
+        tok = TextTokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else TextTokenizer.default()
+        return cls(tok, proc, hf.get("image_token_index", 128256))
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        pieces = text.split(IMAGE_MARKER)
+        ids = self.tokenizer.encode(pieces[0], add_bos=add_bos)
+        for piece in pieces[1:]:
+            ids += [self.image_token_id] + self.tokenizer.encode(piece)
+        return ids
+
+    def __call__(self, text=None, images=None, audio=None, files=None, messages=None, add_bos=True, **_):
+        if audio or files or messages:
+            raise ConfigError("an mllama model takes text and images only (no audio, files or chat messages)")
+        if text is None:
+            raise ConfigError("an mllama prompt needs text (with one <|image|> marker per image)")
+        texts = [text] if isinstance(text, str) else list(text)
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        if images and not isinstance(images[0], (list, tuple)):
+            images = [images] if len(texts) == 1 else [[im] for im in images]
+        rows = [self.encode(t, add_bos) for t in texts]
+        counts = [len(r) for r in images] if images else [0] * len(texts)
+        for b, (ids, n) in enumerate(zip(rows, counts)):  # checked before any image is decoded
+            markers = ids.count(self.image_token_id)
+            if markers != n:
+                raise MediaError(
+                    f"prompt {b} has {markers} <|image|> markers but {n} images were given (one marker per image)"
+                )
+        T = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+        attention_mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+        out = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=None, input_features=None)
+        if images and any(images):
+            batch = self.image_processor([list(r) for r in images])
+            out.update(
+                pixel_values=batch["pixel_values"],
+                aspect_ratio_ids=batch["aspect_ratio_ids"],
+                aspect_ratio_mask=batch["aspect_ratio_mask"],
+                cross_attention_mask=cross_attention_mask(
+                    input_ids.tolist(),
+                    batch["num_tiles"],
+                    self.image_token_id,
+                    self.image_processor.max_num_tiles,
+                    T,
+                ),
+            )
+        return out
+
+
+IMAGE_MARKER = "<|image|>"
+
+
+def is_mllama_dir(path) -> bool:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        return False
+    try:
+        return json.loads(f.read_text()).get("model_type") == "mllama"
+    except json.JSONDecodeError:
+        return False
