@@ -532,19 +532,21 @@ class CrossAttentionConfig:
     vision features instead of to the text; each has tanh gates on its attention and MLP branches."""
 
     layers: list[int] = field(default_factory=list)
-    vision: typing.Any = None  # MllamaVisionConfig
+    vision: typing.Any = None  # MllamaVisionConfig, or a VisionConfig (one tile per image; `omnilm compose`)
     image_token_id: int | None = None  # <|image|>: an ordinary embedded token that marks where an image is
     extra_embeddings: int = 0  # rows of embed_tokens past vocab_size (Mllama: 8 special tokens)
 
     def __post_init__(self):
-        if isinstance(self.vision, dict):
+        if isinstance(self.vision, dict):  # untagged: the Mllama tower
             self.vision = from_dict(MllamaVisionConfig, self.vision)
         if not self.layers:
             raise ConfigError("cross_attention.layers must name at least one decoder layer")
         if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
             raise ConfigError(f"cross_attention.layers must be distinct indices >= 0, got {self.layers}")
-        if not isinstance(self.vision, MllamaVisionConfig):
-            raise ConfigError("cross_attention.vision must be an MllamaVisionConfig")
+        if not isinstance(self.vision, (MllamaVisionConfig, VisionConfig)):
+            raise ConfigError(
+                "cross_attention.vision must be an MllamaVisionConfig (tiled) or a VisionConfig (SigLIP/CLIP)"
+            )
         if self.extra_embeddings < 0:
             raise ConfigError("cross_attention.extra_embeddings must be >= 0")
 

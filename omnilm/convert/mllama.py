@@ -149,6 +149,10 @@ def load_mllama(path, hf_config: dict, device=None, dtype=None):
 
 
 def save_mllama(model, path):
+    if not isinstance(model.config.cross_attention.vision, MllamaVisionConfig):
+        from .hf import save_omnilm  # a composed SigLIP/CLIP + cross-attention model has no HF format
+
+        return save_omnilm(model, path)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = str(model.dtype).removeprefix("torch.")

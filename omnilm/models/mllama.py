@@ -12,10 +12,12 @@ see only the text model, reuse them.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-from ..config import CrossAttentionConfig, DecoderConfig, ModelConfig
+from ..config import CrossAttentionConfig, DecoderConfig, MllamaVisionConfig, ModelConfig
 from ..errors import ConfigError
 from .common.attention import causal_mask
 from .common.kv_cache import StaticCache
@@ -26,6 +28,7 @@ from .decoder import Block, CausalLMOutput, positions_from_mask
 from .loss import next_token_loss
 from .mllama_vision import MllamaVisionModel
 from .omni import OmniModel
+from .vision import build_vision_tower
 
 
 class MllamaCache(StaticCache):
@@ -169,8 +172,13 @@ class MllamaModel(OmniModel):
             )
         super().__init__(cfg)
         self.language_model = MllamaTextLM(cfg.decoder, ca)
-        self.vision_model = MllamaVisionModel(ca.vision)
-        self.multi_modal_projector = nn.Linear(ca.vision.output_dim, cfg.decoder.hidden_size, bias=True)
+        if isinstance(ca.vision, MllamaVisionConfig):
+            self.vision_model = MllamaVisionModel(ca.vision)
+            width = ca.vision.output_dim
+        else:  # a SigLIP/CLIP tower (`omnilm compose --fusion cross-attention`): one tile per image
+            self.vision_model = build_vision_tower(ca.vision)
+            width = ca.vision.feature_dim
+        self.multi_modal_projector = nn.Linear(width, cfg.decoder.hidden_size, bias=True)
         self.hf_format = "mllama"
         self._pending: dict = {}  # family inputs of a generate call, for its prefill (see generate)
 
@@ -187,19 +195,34 @@ class MllamaModel(OmniModel):
     ) -> CrossAttentionState:
         """Vision encoder, projector and every cross-attention layer's k/v: once per request."""
         vision = self.config.cross_attention.vision
-        check_image_inputs(vision, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
-        B, N, tiles = pixel_values.shape[:3]
-        if aspect_ratio_mask is None:
-            aspect_ratio_mask = torch.ones(B, N, tiles, dtype=torch.long, device=pixel_values.device)
-        feats = self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask)  # (B, N, tiles, P, F)
+        if isinstance(vision, MllamaVisionConfig):
+            check_image_inputs(
+                vision, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
+            )
+            B, N, tiles = pixel_values.shape[:3]
+            if aspect_ratio_mask is None:
+                aspect_ratio_mask = torch.ones(B, N, tiles, dtype=torch.long, device=pixel_values.device)
+            feats = self.vision_model(
+                pixel_values, aspect_ratio_ids, aspect_ratio_mask
+            )  # (B, N, tiles, P, F)
+            tokens_per_tile, valid = vision.num_patches, aspect_ratio_ids > 0
+        else:  # pixel_values (B, N, [1,] C, H, W): one tile per image
+            if pixel_values.dim() == 6 and pixel_values.shape[2] == 1:
+                pixel_values = pixel_values[:, :, 0]
+            if pixel_values.dim() != 5:
+                raise ConfigError(
+                    f"pixel_values: expected (B, N_images, C, H, W), got shape {tuple(pixel_values.shape)}"
+                )
+            B = pixel_values.shape[0]
+            feats = self.vision_model(pixel_values.flatten(0, 1).to(self.dtype))  # (B * N, n, F)
+            tokens_per_tile = feats.shape[1]
+            valid = aspect_ratio_ids > 0 if aspect_ratio_ids is not None else None
         states = self.multi_modal_projector(feats).reshape(
             B, -1, self.config.decoder.hidden_size
         )  # (B, S, D)
         layers = self.language_model.model.layers
         kv = {i: layers[i].cross_attn.kv(states) for i in self.language_model.model.cross_layers}
-        mask, attn_scale, mlp_scale = cross_attention_masks(
-            cross_attention_mask, vision.num_patches, image_valid=aspect_ratio_ids > 0
-        )
+        mask, attn_scale, mlp_scale = cross_attention_masks(cross_attention_mask, tokens_per_tile, valid)
         return CrossAttentionState(kv, mask, attn_scale, mlp_scale)
 
     def forward(
@@ -221,7 +244,12 @@ class MllamaModel(OmniModel):
         cross_attention_state: CrossAttentionState | None = None,
     ):
         self._check_inputs(input_ids, attention_mask, None, input_features, inputs_embeds, cache)
-        if pixel_values is not None and aspect_ratio_ids is None and self._pending:
+        if (
+            pixel_values is not None
+            and aspect_ratio_ids is None
+            and cross_attention_mask is None
+            and self._pending
+        ):
             # a prefill inside generate(): the engine forwards pixel_values only
             aspect_ratio_ids = self._pending.get("aspect_ratio_ids")
             aspect_ratio_mask = self._pending.get("aspect_ratio_mask")
@@ -255,39 +283,33 @@ class MllamaModel(OmniModel):
         loss = next_token_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
-    def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        pixel_values=None,
-        aspect_ratio_ids=None,
-        aspect_ratio_mask=None,
-        cross_attention_mask=None,
-        **settings,
-    ):
-        """As OmniModel.generate, plus transformers' Mllama inputs. The image k/v are computed once,
-        at prefill, and kept in the cache for every decode step."""
-        if pixel_values is not None and aspect_ratio_ids is None:
+    def generate(self, input_ids, pixel_values=None, **settings):
+        """As OmniModel.generate, plus transformers' Mllama inputs (aspect_ratio_ids, aspect_ratio_mask,
+        cross_attention_mask). The image k/v are computed once, at prefill, and kept in the cache."""
+        with self._family_inputs(pixel_values, settings):
+            return super().generate(input_ids, pixel_values=pixel_values, **settings)
+
+    def stream(self, input_ids, pixel_values=None, **settings):
+        with self._family_inputs(pixel_values, settings):  # the prefill runs at the first next()
+            yield from super().stream(input_ids, pixel_values=pixel_values, **settings)
+
+    @contextlib.contextmanager
+    def _family_inputs(self, pixel_values, settings):
+        """The current engine forwards only pixel_values to the prefill; the family inputs wait here
+        for it (forward picks them up). To be replaced by the engine's media dict."""
+        names = ("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+        pending = {k: settings.pop(k, None) for k in names}
+        if (
+            pixel_values is not None
+            and pending["aspect_ratio_ids"] is None
+            and isinstance(self.config.cross_attention.vision, MllamaVisionConfig)
+        ):
             raise ConfigError("pixel_values need aspect_ratio_ids (B, N_images), as the processor gives")
-        # The current engine passes only pixel_values to the prefill; the family inputs wait here.
-        self._pending = dict(
-            aspect_ratio_ids=aspect_ratio_ids,
-            aspect_ratio_mask=aspect_ratio_mask,
-            cross_attention_mask=cross_attention_mask,
-        )
+        self._pending = pending
         try:
-            return super().generate(
-                input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **settings
-            )
+            yield
         finally:
             self._pending = {}
-
-    def stream(self, input_ids, **kwargs):
-        raise ConfigError("stream() is not supported for mllama models yet; use generate()")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.language_model.lm_head.weight.dtype
 
 
 def check_image_inputs(vision, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask):
