@@ -113,7 +113,14 @@ def _write_media(model, args, ids, model_dir):
 def cmd_compose(args):
     from .convert.compose import compose
 
-    compose(args.text, vision=args.vision, audio=args.audio, out=args.out)
+    if args.fusion == "cross-attention":
+        from .convert.mllama import compose_cross_attention
+
+        if args.vision is None or args.audio is not None:
+            raise OmniLMError("--fusion cross-attention takes --text and --vision (no --audio)")
+        compose_cross_attention(args.text, args.vision, every=args.every, out=args.out)
+    else:
+        compose(args.text, vision=args.vision, audio=args.audio, out=args.out)
     print(f"wrote {args.out}")
 
 
@@ -239,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision", default=None, help="SigLIP/CLIP vision directory")
     p.add_argument("--audio", default=None, help="Whisper/wav2vec2 directory")
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--fusion",
+        choices=("placeholder", "cross-attention"),
+        default="placeholder",
+        help="placeholder tokens (LLaVA) or gated cross-attention layers (Llama-3.2-Vision)",
+    )
+    p.add_argument(
+        "--every",
+        type=_positive_int,
+        default=4,
+        help="cross-attention: one new layer after every N text layers",
+    )
     p.set_defaults(func=cmd_compose)
 
     p = sub.add_parser(

@@ -161,3 +161,91 @@ def save_mllama(model, path):
     if model.config.decoder.tie_embeddings:
         state.pop("language_model.lm_head.weight", None)
     write_state_dict(state, path)
+
+
+# ---- composition: a Llama plus a SigLIP/CLIP tower through fresh gated cross-attention layers --------
+
+
+def cross_layer_indices(num_text_layers: int, every: int) -> list[int]:
+    """A cross-attention layer after every `every` text layers: 4 layers, every 2 -> [2, 5] of 6."""
+    n_cross = num_text_layers // every
+    return [(k + 1) * every + k for k in range(n_cross)]
+
+
+def compose_cross_attention(text, vision, every: int = 4, out=None, seed: int = 0):
+    """Insert freshly initialised gated cross-attention layers (gates at 0, so the composed model's
+    logits equal the text model's until training moves them) and a fresh projector between a Llama
+    and a SigLIP/CLIP tower. Written in OmniLM format (no Hugging Face format has this shape)."""
+    import dataclasses
+
+    import torch
+
+    from ..errors import ConfigError
+    from ..models.mllama import MllamaModel
+    from ..tokenizers.text import IMAGE
+    from .compose import _grow_vocab, _read_json, _tokenizer_with_markers
+    from .hf import checkpoint_dir, llama_state_from_hf, read_config
+    from .vision import tower_state_from_hf
+    from .vision import vision_config_from_hf as tower_config_from_hf
+
+    text_dir, vision_dir = checkpoint_dir(text), checkpoint_dir(vision)
+    hf_text = read_config(text_dir)
+    if hf_text.get("model_type") != "llama":
+        raise CheckpointError(
+            f"{text_dir}/config.json: --text must be a llama checkpoint, got {hf_text.get('model_type')!r}"
+        )
+    decoder = decoder_config_from_hf(hf_text)
+    L = decoder.num_layers
+    if every < 1 or every > L:
+        raise ConfigError(f"--every {every}: must be between 1 and the text model's {L} layers")
+    cross = cross_layer_indices(L, every)
+    vcfg = tower_config_from_hf(read_config(vision_dir))
+    vcfg = dataclasses.replace(  # LLaVA's choice: penultimate layer, CLIP's CLS dropped
+        vcfg, use_head=False, feature_layer=-2, feature_select="default" if vcfg.kind == "clip" else "full"
+    )
+    tokenizer = _tokenizer_with_markers(text_dir, [IMAGE])
+    lm_state = llama_state_from_hf(read_state_dict(text_dir), decoder)
+    if tokenizer.vocab_size > decoder.vocab_size:
+        lm_state = _grow_vocab(lm_state, decoder, tokenizer.vocab_size)
+    decoder = dataclasses.replace(decoder, num_layers=L + len(cross))
+    ca = CrossAttentionConfig(layers=cross, vision=vcfg, image_token_id=tokenizer.image_token_id)
+    cfg = ModelConfig(
+        decoder=decoder, cross_attention=ca, source=f"composed from {text_dir} and {vision_dir}"
+    )
+
+    text_layers = [i for i in range(decoder.num_layers) if i not in cross]  # text layer j -> index
+    state = {}
+    for k, v in lm_state.items():
+        if k.startswith("model.layers."):
+            j, rest = k[len("model.layers.") :].split(".", 1)
+            k = f"model.layers.{text_layers[int(j)]}.{rest}"
+        state["language_model." + k] = v
+    raw = {k: v for k, v in read_state_dict(vision_dir).items() if not k.startswith("text_model.")}
+    state.update(
+        {"vision_model." + k: v for k, v in tower_state_from_hf(raw).items() if not k.startswith("head.")}
+    )
+    with init_empty_weights():
+        model = MllamaModel(cfg)
+    torch.manual_seed(seed)
+    fresh = [(f"language_model.model.layers.{i}", model.language_model.model.layers[i]) for i in cross]
+    for prefix, module in fresh + [("multi_modal_projector", model.multi_modal_projector)]:
+        module.to_empty(device="cpu")
+        for name, p in module.named_parameters():
+            with torch.no_grad():
+                if name.endswith("_gate"):
+                    p.zero_()  # tanh(0) = 0: the layer starts as the identity
+                elif p.dim() == 1:
+                    p.fill_(1.0) if name.endswith("norm.weight") else p.zero_()
+                else:
+                    p.normal_(0.0, decoder.initializer_range)
+        state.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
+    load_strict(model, state, source="composed model")
+    retie(model)
+    model.eval()
+    if out is not None:
+        model.save_pretrained(out)
+        tokenizer.save(out)
+        pre = _read_json(vision_dir / "preprocessor_config.json")
+        if pre is not None:
+            (Path(out) / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    return model
