@@ -218,3 +218,13 @@ def test_bad_image_inputs_are_one_line_errors(hf_dir):
         model(**{**x, "aspect_ratio_ids": torch.tensor([[9]])})
     with pytest.raises(ConfigError, match="max_num_tiles"):
         model(**{**x, "pixel_values": torch.zeros(1, 1, 5, 3, TILE, TILE)})
+
+
+def test_plan_counts_llama_3_2_11b_vision():
+    from omnilm.config import get_preset
+    from omnilm.plan import count_params
+
+    n = count_params(get_preset("llama-3.2-11b-vision"))  # built on the meta device
+    assert abs(n["total"] - 10.67e9) / 10.67e9 < 0.01, n
+    assert 0.85e9 < n["encoders"] < 0.95e9  # vision encoder and projector
+    assert n["other"] == 0  # every cross-attention parameter lands in a named group
