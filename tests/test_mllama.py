@@ -148,6 +148,36 @@ def test_save_pretrained_loads_in_transformers(hf_dir, tmp_path):
         assert (again(**x).logits - ref).abs().max() < 1e-4
 
 
+def test_sharded_and_runtime_layout_checkpoints_load(hf_dir, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path, hf = hf_dir
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    # transformers 5's in-memory names (model.language_model.*, lm_head.*) in one file
+    d = tmp_path / "runtime"
+    d.mkdir()
+    (d / "config.json").write_text((path / "config.json").read_text())
+    state = {}
+    for k, v in load_file(path / "model.safetensors").items():
+        k = k.replace("language_model.lm_head.", "lm_head.").replace(
+            "language_model.model.", "model.language_model."
+        )
+        state[
+            k.replace("vision_model.", "model.vision_model.", 1) if k.startswith("vision_model.") else k
+        ] = v
+    state = {("model." + k if k.startswith("multi_modal_projector.") else k): v for k, v in state.items()}
+    save_file(state, d / "model.safetensors")
+    x = inputs([(2, 1)])
+    with torch.no_grad():
+        ref = hf(**x).logits
+        for p in (tmp_path / "sharded", d):
+            assert (omnilm.load(p)(**x).logits - ref).abs().max() < 1e-4
+    assert json.loads((d / "config.json").read_text())["model_type"] == "mllama"
+
+
 def test_strict_keys(hf_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
