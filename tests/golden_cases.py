@@ -50,6 +50,13 @@ def text_case():
     out["sampled"] = model.generate(
         ids, attention_mask=mask, max_new_tokens=24, temperature=0.8, top_p=0.9, seed=3, eos_token_id=[]
     ).tolist()
+    # each row alone with the same seed: what a per-request generator must give in a batch too
+    out["sampled_alone"] = [
+        model.generate(
+            row[m.bool()][None], max_new_tokens=24, temperature=0.8, top_p=0.9, seed=3, eos_token_id=[]
+        )[0].tolist()
+        for row, m in zip(ids, mask)
+    ]
     out["penalty"] = model.generate(
         b[None], max_new_tokens=24, repetition_penalty=1.3, top_k=20, temperature=0.7, seed=4, eos_token_id=[]
     ).tolist()
