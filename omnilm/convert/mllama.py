@@ -144,7 +144,6 @@ def load_mllama(path, hf_config: dict, device=None, dtype=None):
         model, mllama_state_from_hf(read_state_dict(path)), source=str(path), dtype=dtype, device=device
     )
     retie(model)
-    model.hf_format = "mllama"
     return model.eval()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import DecoderConfig
@@ -132,3 +133,50 @@ def cross_attention_masks(
     dtype = torch.float32
     attn_scale = None if bool(has_keys.all()) else has_keys.to(dtype)
     return mask[:, None], attn_scale, sees_image.to(dtype)
+
+
+def state_rows(state: CrossAttentionState, start: int, end: int) -> CrossAttentionState:
+    """The mask rules of prompt tokens [start, end) (a prefill chunk); k/v are shared."""
+
+    def cut(t):
+        return None if t is None else t[..., start:end, :]
+
+    return CrossAttentionState(state.kv, cut(state.mask), cut(state.attn_scale), cut(state.mlp_scale))
+
+
+def batch_states(states: list[CrossAttentionState | None]) -> CrossAttentionState | None:
+    """One-row decode states of different requests -> one batched state (None: no row has images).
+
+    Image token counts differ per request: k/v are zero-padded to the longest and the padding is
+    masked; a row without images gets attn/mlp scales of 0, which leaves it exactly as if the
+    cross-attention layers were skipped (what a text-only request gets alone)."""
+    real = [s for s in states if s is not None]
+    if not real:
+        return None
+    S = max(k.shape[2] for k, _ in (s.kv[next(iter(s.kv))] for s in real))
+    kv = {}
+    for i, (k0, _) in real[0].kv.items():
+        ks, vs = [], []
+        for s in states:
+            if s is None:
+                k = v = k0.new_zeros(1, k0.shape[1], S, k0.shape[3])
+            else:
+                k, v = s.kv[i]
+                pad = S - k.shape[2]
+                k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))  # (1, H_kv, S, hd)
+            ks.append(k)
+            vs.append(v)
+        kv[i] = (torch.cat(ks), torch.cat(vs))
+    device = real[0].kv[next(iter(real[0].kv))][0].device
+    masks, attn, mlp = [], [], []
+    for s in states:
+        n = 0 if s is None else s.kv[next(iter(s.kv))][0].shape[2]
+        m = torch.zeros(1, 1, 1, S, dtype=torch.bool, device=device)
+        m[..., :n] = True if s is None or s.mask is None else s.mask[..., -1:, :]
+        if s is None:
+            m[:] = True  # any keys: the output is zeroed by the scales
+        masks.append(m)
+        zero = torch.zeros(1, 1, 1, device=device)
+        attn.append(zero if s is None else (s.attn_scale[:, -1:] if s.attn_scale is not None else zero + 1))
+        mlp.append(zero if s is None else (s.mlp_scale[:, -1:] if s.mlp_scale is not None else zero + 1))
+    return CrossAttentionState(kv, torch.cat(masks), torch.cat(attn), torch.cat(mlp))

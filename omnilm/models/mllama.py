@@ -12,8 +12,6 @@ see only the text model, reuse them.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -23,7 +21,13 @@ from .common.attention import causal_mask
 from .common.kv_cache import StaticCache
 from .common.norms import make_norm
 from .common.rope import rope_cos_sin, rope_inv_freq
-from .cross_attention import CrossAttentionBlock, CrossAttentionState, cross_attention_masks
+from .cross_attention import (
+    CrossAttentionBlock,
+    CrossAttentionState,
+    batch_states,
+    cross_attention_masks,
+    state_rows,
+)
 from .decoder import Block, CausalLMOutput, positions_from_mask
 from .loss import next_token_loss
 from .mllama_vision import MllamaVisionModel
@@ -179,16 +183,37 @@ class MllamaModel(OmniModel):
             self.vision_model = build_vision_tower(ca.vision)
             width = ca.vision.feature_dim
         self.multi_modal_projector = nn.Linear(width, cfg.decoder.hidden_size, bias=True)
-        self.hf_format = "mllama"
-        self._pending: dict = {}  # family inputs of a generate call, for its prefill (see generate)
+        # Per-request image state for the engine's paged cache (see _engine_state): states made by
+        # embed() wait under their embeddings' storage, then live under the request's first KV slot.
+        self._embedded: dict[int, tuple[CrossAttentionState | None, int]] = {}
+        self._requests: dict[int, dict] = {}
+        self._decode_batch: tuple | None = None
 
     # ---- fusion -----------------------------------------------------------------------------------
 
-    def embed(self, input_ids, pixel_values=None, input_features=None, **family_inputs):
-        """Token embeddings: <|image|> is an ordinary token here, images enter through cross-attention."""
+    def embed(
+        self,
+        input_ids,
+        pixel_values=None,
+        input_features=None,
+        aspect_ratio_ids=None,
+        aspect_ratio_mask=None,
+        cross_attention_mask=None,
+    ):
+        """Token embeddings (B, T, D): <|image|> is an ordinary token here. The images go through the
+        vision encoder now, once per request, into the cross-attention state the engine's prefill and
+        decode forwards then use (they pass embeddings and cache slots, not media)."""
         if input_features is not None:
             raise ConfigError("this model has no audio encoder, but audio inputs were given")
-        return self.language_model.model.embed_tokens(input_ids)
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        state = None
+        if pixel_values is not None:
+            state = self.cross_attention_state(
+                pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
+            )
+            _check_mask_rows(state, input_ids.shape[1])
+        self._embedded[embeds.untyped_storage().data_ptr()] = (state, input_ids.shape[1])
+        return embeds
 
     def cross_attention_state(
         self, pixel_values, aspect_ratio_ids, aspect_ratio_mask=None, cross_attention_mask=None
@@ -244,33 +269,23 @@ class MllamaModel(OmniModel):
         cross_attention_state: CrossAttentionState | None = None,
     ):
         self._check_inputs(input_ids, attention_mask, None, input_features, inputs_embeds, cache)
-        if (
-            pixel_values is not None
-            and aspect_ratio_ids is None
-            and cross_attention_mask is None
-            and self._pending
-        ):
-            # a prefill inside generate(): the engine forwards pixel_values only
-            aspect_ratio_ids = self._pending.get("aspect_ratio_ids")
-            aspect_ratio_mask = self._pending.get("aspect_ratio_mask")
-            cross_attention_mask = self._pending.get("cross_attention_mask")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, input_features=input_features)
+        if input_features is not None:
+            raise ConfigError("this model has no audio encoder, but audio inputs were given")
         state = cross_attention_state
         if pixel_values is not None:
             state = self.cross_attention_state(
                 pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
             )
-            if state.mask is not None and state.mask.shape[2] != inputs_embeds.shape[1]:
-                raise ConfigError(
-                    f"cross_attention_mask covers {state.mask.shape[2]} tokens but the prompt has "
-                    f"{inputs_embeds.shape[1]}"
-                )
-        if cache is not None and (state is not None or kv_len == inputs_embeds.shape[1]):
-            # a prefill: what decode steps will see (the prompt's last row of the mask rules)
-            cache.cross = None if state is None else state.last_row()
+            T = inputs_embeds.shape[1] if inputs_embeds is not None else input_ids.shape[1]
+            _check_mask_rows(state, T)
+        if isinstance(cache, MllamaCache):
+            if state is not None or cache_position is None or int(cache_position[0]) == 0:
+                # a prefill: decode steps see the prompt's last row of the mask rules
+                cache.cross = None if state is None else state.last_row()
+        elif cache is not None and state is None:
+            state = self._engine_state(cache, inputs_embeds, cache_position)
         logits = self.language_model(
-            None,
+            input_ids if inputs_embeds is None else None,
             inputs_embeds,
             attention_mask,
             position_ids,
@@ -283,33 +298,43 @@ class MllamaModel(OmniModel):
         loss = next_token_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
-    def generate(self, input_ids, pixel_values=None, **settings):
-        """As OmniModel.generate, plus transformers' Mllama inputs (aspect_ratio_ids, aspect_ratio_mask,
-        cross_attention_mask). The image k/v are computed once, at prefill, and kept in the cache."""
-        with self._family_inputs(pixel_values, settings):
-            return super().generate(input_ids, pixel_values=pixel_values, **settings)
+    def _engine_state(self, cache, inputs_embeds, cache_position) -> CrossAttentionState | None:
+        """The cross-attention state of the rows of an engine forward (omnilm/generation/engine.py).
 
-    def stream(self, input_ids, pixel_values=None, **settings):
-        with self._family_inputs(pixel_values, settings):  # the prefill runs at the first next()
-            yield from super().stream(input_ids, pixel_values=pixel_values, **settings)
+        The engine's paged cache view names each row's KV slots; a request's first slot is its
+        identity while it runs. A prefill chunk (embeddings from embed(), batch 1) claims the state
+        embed() made (at its first chunk) and reads its rows of the mask; a decode step (one token per
+        row) batches the states of its rows, reused while the running set stays the same. States of
+        requests that left the decode batch are dropped.
+        TODO(engine hook): a per-request state the engine keeps (model.request_state(media) at
+        admission, handed back per row at prefill/decode) would replace this bookkeeping.
+        """
+        slots = cache.layers[0].read_slots[:, 0].tolist()  # (B,) first KV slot of each row
+        if inputs_embeds is not None and len(slots) == 1:  # a prefill chunk
+            start, end = int(cache_position[0]), int(cache_position[-1]) + 1
+            if start == 0:
+                ptr = inputs_embeds.untyped_storage().data_ptr()
+                state, T = self._embedded.pop(ptr, (None, inputs_embeds.shape[1]))
+                self._requests[slots[0]] = dict(state=state, T=T, done=False)
+                self._decode_batch = None
+            entry = self._requests.get(slots[0])
+            if entry is None or entry["state"] is None:
+                return None
+            entry["done"] = end >= entry["T"]
+            return state_rows(entry["state"], start, end)
+        for slot in [s for s, e in self._requests.items() if e["done"] and s not in slots]:
+            del self._requests[slot]  # finished or cancelled: its pages may serve another request now
+        entries = [self._requests.get(s) for s in slots]
+        key = tuple(slots), tuple(id(e) for e in entries)
+        if self._decode_batch is None or self._decode_batch[0] != key:
+            states = [None if e is None or e["state"] is None else e["state"].last_row() for e in entries]
+            self._decode_batch = (key, batch_states(states))
+        return self._decode_batch[1]
 
-    @contextlib.contextmanager
-    def _family_inputs(self, pixel_values, settings):
-        """The current engine forwards only pixel_values to the prefill; the family inputs wait here
-        for it (forward picks them up). To be replaced by the engine's media dict."""
-        names = ("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
-        pending = {k: settings.pop(k, None) for k in names}
-        if (
-            pixel_values is not None
-            and pending["aspect_ratio_ids"] is None
-            and isinstance(self.config.cross_attention.vision, MllamaVisionConfig)
-        ):
-            raise ConfigError("pixel_values need aspect_ratio_ids (B, N_images), as the processor gives")
-        self._pending = pending
-        try:
-            yield
-        finally:
-            self._pending = {}
+
+def _check_mask_rows(state: CrossAttentionState, T: int):
+    if state.mask is not None and state.mask.shape[2] != T:
+        raise ConfigError(f"cross_attention_mask covers {state.mask.shape[2]} tokens but the prompt has {T}")
 
 
 def check_image_inputs(vision, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask):
