@@ -22,6 +22,9 @@ from .errors import OmniLMError
 from .generation.config import GenerationConfig
 from .generation.text import TextStream
 
+# a processor's outputs that go with a request: media, and Mllama's aspect ratios and cross-attention mask
+MEDIA = ("pixel_values", "input_features", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+
 
 @dataclass
 class Prompt:
@@ -155,7 +158,7 @@ class Pipeline:
             batch = proc(text=prompt, images=images or None, audio=audio or None, files=files or None)
         else:
             batch = proc(messages=prompt, images=images or None, audio=audio or None)
-        media = {k: batch[k] for k in ("pixel_values", "input_features") if batch.get(k) is not None}
+        media = {k: v for k, v in batch.items() if k in MEDIA and v is not None}
         return Prompt(batch["input_ids"][0].tolist(), media)
 
     def eos_ids(self, config: GenerationConfig) -> list[int]:
