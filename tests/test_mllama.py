@@ -204,40 +204,32 @@ def test_greedy_16_tokens_equal_transformers_with_cached_cross_attention(hf_dir)
     assert len(calls) == 1  # the vision encoder ran once, at prefill
 
 
-def test_batch_of_different_image_counts_equals_each_alone(hf_dir):
-    from omnilm.processing.mllama import cross_attention_mask
+def test_engine_batch_of_different_image_counts_equals_each_alone(hf_dir):
+    """Continuous batching: requests with 2, 1 and 0 images decode together, each row getting its
+    own cross-attention state, and every request gets the tokens it gets alone."""
+    from omnilm.generation import Engine, GenerationConfig
 
     path, _ = hf_dir
     model = omnilm.load(path)
-    a = inputs([(1, 2)], length=10, seed=1)
-    b = inputs([(2, 1), (1, 1)], length=12, seed=2)
+    reqs = [inputs([(2, 1), (1, 1)], length=12, seed=2), inputs([(1, 2)], length=9, seed=1)]
+    text_only = prompt(0, length=7, seed=3)[1]
+    cfg = GenerationConfig(max_new_tokens=10, eos_token_id=[])
+
+    def media(x):
+        return {k: v for k, v in x.items() if k != "input_ids"}
+
     alone = [
-        model.generate(**x, max_new_tokens=8, eos_token_id=[])[0, x["input_ids"].shape[1] :] for x in (a, b)
+        model.generate(**x, max_new_tokens=10, eos_token_id=[])[0, x["input_ids"].shape[1] :].tolist()
+        for x in reqs
     ]
-    # left-pad a to 12 tokens, pad its images to 2
-    ids = torch.cat([torch.cat([torch.zeros(1, 2, dtype=torch.long), a["input_ids"]], 1), b["input_ids"]])
-    attn = torch.ones_like(ids)
-    attn[0, :2] = 0
-    pv = torch.zeros(2, 2, TILES, 3, TILE, TILE)
-    pv[0, :1], pv[1] = a["pixel_values"][0], b["pixel_values"][0]
-    ar_ids = torch.zeros(2, 2, dtype=torch.long)
-    ar_ids[0, :1], ar_ids[1] = a["aspect_ratio_ids"][0], b["aspect_ratio_ids"][0]
-    ar_mask = torch.zeros(2, 2, TILES, dtype=torch.long)
-    ar_mask[:, :, 0] = 1
-    ar_mask[0, :1], ar_mask[1] = a["aspect_ratio_mask"][0], b["aspect_ratio_mask"][0]
-    cam = cross_attention_mask(ids.tolist(), [[2], [1, 1]], IMAGE, TILES, 12)
-    out = model.generate(
-        ids,
-        attention_mask=attn,
-        pixel_values=pv,
-        aspect_ratio_ids=ar_ids,
-        aspect_ratio_mask=ar_mask,
-        cross_attention_mask=cam,
-        max_new_tokens=8,
-        eos_token_id=[],
-    )
-    assert out[0, 12:].tolist() == alone[0].tolist()
-    assert out[1, 12:].tolist() == alone[1].tolist()
+    alone.append(model.generate(text_only[None], max_new_tokens=10, eos_token_id=[])[0, 7:].tolist())
+    engine = Engine(model, max_batch=4)
+    batch = [engine.submit(x["input_ids"][0].tolist(), cfg, media(x)) for x in reqs]
+    batch.append(engine.submit(text_only.tolist(), cfg))
+    while engine.has_work():
+        engine.step()
+    assert [r.output for r in batch] == alone
+    assert len({tuple(a) for a in alone}) == 3
 
 
 def test_bad_image_inputs_are_one_line_errors(hf_dir):

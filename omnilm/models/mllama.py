@@ -87,7 +87,7 @@ class MllamaTextModel(nn.Module):
             position_ids = positions_from_mask(attention_mask, cache_position, B)
         rope = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         if cross is None and cache is not None:
-            cross = cache.cross
+            cross = getattr(cache, "cross", None)  # MllamaCache; the engine passes states explicitly
         is_causal = False
         if attention_mask is not None and attention_mask.dim() == 4:
             mask = attention_mask.bool()
