@@ -152,25 +152,22 @@ def main():
     )
     print("| tiles | impl | prefill ms | decode ms/token | tokens equal |")
     print("|---:|---|---:|---:|---|")
-    decode = {}
+    decode, fns, same = {}, {}, {}
     with torch.inference_mode():
-        for tiles in (1, 4):
+        for tiles in (1, 4):  # every configuration in one interleaved round, so load hits all alike
             x = inputs(cfg, tiles, args.prompt_len, device, dtype)
-            same = run_ours(x, args.new)().tolist() == run_hf(x, args.new)().tolist()
-            t = best(
-                {
-                    "ours1": run_ours(x, 1),
-                    "hf1": run_hf(x, 1),
-                    "oursN": run_ours(x, args.new),
-                    "hfN": run_hf(x, args.new),
-                },
-                device,
-                args.repeats,
+            same[tiles] = run_ours(x, args.new)().tolist() == run_hf(x, args.new)().tolist()
+            for key, run in (("ours", run_ours), ("hf", run_hf)):
+                fns[(tiles, key, 1)] = run(x, 1)
+                fns[(tiles, key, args.new)] = run(x, args.new)
+        t = best(fns, device, args.repeats)
+    for tiles in (1, 4):
+        for impl, key in (("OmniLM", "ours"), ("transformers", "hf")):
+            per_token = (t[(tiles, key, args.new)] - t[(tiles, key, 1)]) / (args.new - 1)
+            decode[(tiles, impl)] = per_token
+            print(
+                f"| {tiles} | {impl} | {t[(tiles, key, 1)] * 1e3:.1f} | {per_token * 1e3:.2f} | {same[tiles]} |"
             )
-            for impl, key in (("OmniLM", "ours"), ("transformers", "hf")):
-                per_token = (t[key + "N"] - t[key + "1"]) / (args.new - 1)
-                decode[(tiles, impl)] = per_token
-                print(f"| {tiles} | {impl} | {t[key + '1'] * 1e3:.1f} | {per_token * 1e3:.2f} | {same} |")
     for impl in ("OmniLM", "transformers"):
         print(f"{impl}: decode 4-tile / 1-tile = {decode[(4, impl)] / decode[(1, impl)]:.2f}")
     for tiles in (1, 4):
