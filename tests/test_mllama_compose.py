@@ -54,3 +54,26 @@ def test_every_out_of_range_is_a_one_line_error(composed, tmp_path, capsys):
     )  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "--every 3" in err
+
+
+def test_generate_on_the_composed_model(composed, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    img = tmp_path / "a.png"
+    Image.fromarray((np.indices((40, 30)).sum(0) * 5 % 256).astype(np.uint8)).convert("RGB").save(img)
+    args = [
+        "generate",
+        "--model",
+        str(composed / "x"),
+        "--prompt",
+        "<|image|> what is it",
+        "--max-new-tokens",
+        "4",
+    ]
+    rc = main(args + ["--image", str(img)])
+    out, err = capsys.readouterr()
+    assert rc in (0, None), err
+    rc = main(args + ["--image", str(img), "--image", str(img)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "1 <|image|> markers but 2 images" in err

@@ -212,7 +212,9 @@ class MllamaModel(OmniModel):
                 pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
             )
             _check_mask_rows(state, input_ids.shape[1])
-        self._embedded[embeds.untyped_storage().data_ptr()] = (state, input_ids.shape[1])
+            self._embedded[embeds.untyped_storage().data_ptr()] = (state, input_ids.shape[1])
+            while len(self._embedded) > 64:  # embed() called outside the engine: drop the oldest
+                self._embedded.pop(next(iter(self._embedded)))
         return embeds
 
     def cross_attention_state(

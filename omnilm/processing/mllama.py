@@ -233,29 +233,36 @@ class MllamaProcessor:
 
     @classmethod
     def from_pretrained(cls, path) -> MllamaProcessor:
+        """A `model_type: mllama` directory, or an OmniLM one with cross-attention fusion (a composed
+        model: a SigLIP/CLIP tower, one tile per image, its own preprocessor_config.json)."""
         from ..tokenizers.text import TextTokenizer
 
         path = Path(path)
+        tok = TextTokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else TextTokenizer.default()
+        f = path / "preprocessor_config.json"
+        pre = json.loads(f.read_text()) if f.is_file() else None
+        if (path / OMNILM_CONFIG).is_file():
+            from ..config import ModelConfig
+            from .image import ImageProcessor
+
+            ca = ModelConfig.from_dict(json.loads((path / OMNILM_CONFIG).read_text())).cross_attention
+            side = ca.vision.image_size
+            images = ImageProcessor.from_dict(pre) if pre else ImageProcessor(size=(side, side))
+            return cls(tok, SingleTileImages(images), ca.image_token_id)
         hf = json.loads((path / "config.json").read_text())
         vision = hf.get("vision_config") or {}
-        max_tiles = vision.get("max_num_tiles", 4)
-        f = path / "preprocessor_config.json"
-        d = json.loads(f.read_text()) if f.is_file() else {"size": {"height": vision.get("image_size", 560)}}
-        d.setdefault(
-            "size", {"height": vision.get("image_size", 560), "width": vision.get("image_size", 560)}
-        )
-        proc = MllamaImageProcessor.from_dict(d)
+        max_tiles, side = vision.get("max_num_tiles", 4), vision.get("image_size", 560)
+        pre = pre or {}
+        pre.setdefault("size", {"height": side, "width": side})
+        proc = MllamaImageProcessor.from_dict(pre)
         if proc.max_num_tiles > max_tiles:
             raise ConfigError(
                 f"{f}: max_image_tiles {proc.max_num_tiles} is over the model's max_num_tiles {max_tiles}"
             )
-        if proc.tile_size != vision.get("image_size", proc.tile_size):
-            raise ConfigError(
-                f"{f}: tile size {proc.tile_size} != the model's vision image_size {vision.get('image_size')}"
-            )
+        if proc.tile_size != side:
+            raise ConfigError(f"{f}: tile size {proc.tile_size} != the model's vision image_size {side}")
         proc.supported_aspect_ratios = vision.get("supported_aspect_ratios") or all_aspect_ratios(max_tiles)
         proc.max_num_tiles = max_tiles
-        tok = TextTokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else TextTokenizer.default()
         return cls(tok, proc, hf.get("image_token_index", 128256))
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
@@ -305,14 +312,44 @@ class MllamaProcessor:
         return out
 
 
+class SingleTileImages:
+    """A SigLIP/CLIP ImageProcessor seen as a tiler of one tile per image (composed models)."""
+
+    max_num_tiles = 1
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, images: list[list]) -> dict:
+        B, N = len(images), max(len(row) for row in images)
+        rows = [self.image_processor(list(row)) if row else None for row in images]  # (N_b, 3, H, W)
+        shape = next(r.shape[1:] for r in rows if r is not None)
+        pixel_values = torch.zeros(B, N, 1, *shape)
+        ids = torch.zeros(B, N, dtype=torch.long)
+        for b, r in enumerate(rows):
+            if r is not None:
+                pixel_values[b, : len(r), 0] = r
+                ids[b, : len(r)] = 1
+        return dict(
+            pixel_values=pixel_values,
+            aspect_ratio_ids=ids,  # 0 marks a padding image
+            aspect_ratio_mask=ids[:, :, None].clone(),
+            num_tiles=[[1] * len(row) for row in images],
+        )
+
+
 IMAGE_MARKER = "<|image|>"
+OMNILM_CONFIG = "omnilm_config.json"
 
 
 def is_mllama_dir(path) -> bool:
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        return False
+    """A `model_type: mllama` directory or an OmniLM one with cross-attention fusion."""
+    path = Path(path)
     try:
-        return json.loads(f.read_text()).get("model_type") == "mllama"
-    except json.JSONDecodeError:
-        return False
+        if (path / OMNILM_CONFIG).is_file():
+            return json.loads((path / OMNILM_CONFIG).read_text()).get("cross_attention") is not None
+        if (path / "config.json").is_file():
+            return json.loads((path / "config.json").read_text()).get("model_type") == "mllama"
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # the regular loaders name the broken file
+    return False
