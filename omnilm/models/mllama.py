@@ -379,3 +379,28 @@ def check_image_inputs(vision, pixel_values, aspect_ratio_ids, aspect_ratio_mask
         raise ConfigError(
             f"cross_attention_mask: expected shape ({B}, T, {N}, {tiles}), got {tuple(cross_attention_mask.shape)}"
         )
+
+
+# ---- training: what the alignment stage trains ------------------------------------------------------------
+
+
+def alignment_parameters(model: MllamaModel) -> list[str]:
+    """The alignment stage (Llama-3.2-Vision's recipe): only the cross-attention layers (their
+    attention, MLP, norms and gates) and the projector train; the text model and the vision tower stay
+    frozen. Sets requires_grad accordingly and returns the trainable parameter names."""
+    cross = tuple(f"language_model.model.layers.{i}." for i in model.language_model.model.cross_layers)
+    names = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(cross + ("multi_modal_projector.",)))
+        if p.requires_grad:
+            names.append(name)
+    return names
+
+
+def cross_attention_linears(model: MllamaModel, leaves=("q_proj", "k_proj", "v_proj", "o_proj")) -> list[str]:
+    """Module names of the cross-attention projections (LoRA targets: apply_lora(model, modules=...))."""
+    return [
+        f"language_model.model.layers.{i}.cross_attn.{leaf}"
+        for i in model.language_model.model.cross_layers
+        for leaf in leaves
+    ]
