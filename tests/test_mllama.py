@@ -230,6 +230,13 @@ def test_engine_batch_of_different_image_counts_equals_each_alone(hf_dir):
         engine.step()
     assert [r.output for r in batch] == alone
     assert len({tuple(a) for a in alone}) == 3
+    # prompts prefilled in chunks of 5 tokens (interleaved with the others' decoding): each chunk
+    # reads its rows of the cross-attention mask
+    engine = Engine(model, max_batch=4, prefill_chunk=5)
+    chunked = [engine.submit(x["input_ids"][0].tolist(), cfg, media(x)) for x in reqs]
+    while engine.has_work():
+        engine.step()
+    assert [r.output for r in chunked] == alone[:2]
 
 
 def test_bad_image_inputs_are_one_line_errors(hf_dir):
