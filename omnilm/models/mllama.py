@@ -186,8 +186,8 @@ class MllamaModel(OmniModel):
         # Per-request image state for the engine's paged cache (see _engine_state): states made by
         # embed() wait under their embeddings' storage, then live under the request's first KV slot.
         self._embedded: dict[int, tuple[CrossAttentionState | None, int]] = {}
-        self._requests: dict[int, dict] = {}
-        self._decode_batch: tuple | None = None
+        self._requests: dict[tuple[int, int], dict] = {}  # (engine, first slot) -> state, prompt length
+        self._decode_batch: dict[int, tuple] = {}  # engine -> its decode rows and their batched state
 
     # ---- fusion -----------------------------------------------------------------------------------
 
@@ -311,27 +311,30 @@ class MllamaModel(OmniModel):
         TODO(engine hook): a per-request state the engine keeps (model.request_state(media) at
         admission, handed back per row at prefill/decode) would replace this bookkeeping.
         """
-        slots = cache.layers[0].read_slots[:, 0].tolist()  # (B,) first KV slot of each row
-        if inputs_embeds is not None and len(slots) == 1:  # a prefill chunk
+        view = cache.layers[0]
+        engine = view.k.data_ptr()  # the engine's KV store: slots of different engines differ
+        keys = [(engine, slot) for slot in view.read_slots[:, 0].tolist()]  # first KV slot of each row
+        if inputs_embeds is not None and len(keys) == 1:  # a prefill chunk
             start, end = int(cache_position[0]), int(cache_position[-1]) + 1
             if start == 0:
                 ptr = inputs_embeds.untyped_storage().data_ptr()
                 state, T = self._embedded.pop(ptr, (None, inputs_embeds.shape[1]))
-                self._requests[slots[0]] = dict(state=state, T=T, done=False)
-                self._decode_batch = None
-            entry = self._requests.get(slots[0])
-            if entry is None or entry["state"] is None:
+                self._requests[keys[0]] = dict(state=state, T=T, done=False)
+            entry = self._requests.get(keys[0])
+            if entry is None:
                 return None
             entry["done"] = end >= entry["T"]
-            return state_rows(entry["state"], start, end)
-        for slot in [s for s, e in self._requests.items() if e["done"] and s not in slots]:
-            del self._requests[slot]  # finished or cancelled: its pages may serve another request now
-        entries = [self._requests.get(s) for s in slots]
-        key = tuple(slots), tuple(id(e) for e in entries)
-        if self._decode_batch is None or self._decode_batch[0] != key:
+            return None if entry["state"] is None else state_rows(entry["state"], start, end)
+        for key in [
+            k for k, e in list(self._requests.items()) if k[0] == engine and e["done"] and k not in keys
+        ]:
+            del self._requests[key]  # finished or cancelled: its pages may serve another request now
+        entries = [self._requests.get(k) for k in keys]
+        cached = self._decode_batch.get(engine)  # (keys, entries, state): entries held, compared by identity
+        if cached is None or cached[0] != keys or any(a is not b for a, b in zip(cached[1], entries)):
             states = [None if e is None or e["state"] is None else e["state"].last_row() for e in entries]
-            self._decode_batch = (key, batch_states(states))
-        return self._decode_batch[1]
+            cached = self._decode_batch[engine] = (keys, entries, batch_states(states))
+        return cached[2]
 
 
 def _check_mask_rows(state: CrossAttentionState, T: int):
