@@ -202,6 +202,10 @@ def test_greedy_16_tokens_equal_transformers_with_cached_cross_attention(hf_dir)
     ref = hf.generate(**x, max_new_tokens=16, do_sample=False, eos_token_id=None, min_new_tokens=16)
     assert out.tolist() == ref.tolist()
     assert len(calls) == 1  # the vision encoder ran once, at prefill
+    import gc
+
+    gc.collect()  # the private engine of generate() is gone, and with it the request's image state
+    assert not model._requests and not model._decode_batch
 
 
 def test_engine_batch_of_different_image_counts_equals_each_alone(hf_dir):

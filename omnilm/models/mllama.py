@@ -12,6 +12,8 @@ see only the text model, reuse them.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -188,6 +190,7 @@ class MllamaModel(OmniModel):
         self._embedded: dict[int, tuple[CrossAttentionState | None, int]] = {}
         self._requests: dict[tuple[int, int], dict] = {}  # (engine, first slot) -> state, prompt length
         self._decode_batch: dict[int, tuple] = {}  # engine -> its decode rows and their batched state
+        self._engines: set[int] = set()
 
     # ---- fusion -----------------------------------------------------------------------------------
 
@@ -313,6 +316,9 @@ class MllamaModel(OmniModel):
         """
         view = cache.layers[0]
         engine = view.k.data_ptr()  # the engine's KV store: slots of different engines differ
+        if engine not in self._engines:  # when the engine's KV store is freed, so are its states
+            self._engines.add(engine)
+            weakref.finalize(view.k, self._forget_engine, engine)
         keys = [(engine, slot) for slot in view.read_slots[:, 0].tolist()]  # first KV slot of each row
         if inputs_embeds is not None and len(keys) == 1:  # a prefill chunk
             start, end = int(cache_position[0]), int(cache_position[-1]) + 1
@@ -335,6 +341,12 @@ class MllamaModel(OmniModel):
             states = [None if e is None or e["state"] is None else e["state"].last_row() for e in entries]
             cached = self._decode_batch[engine] = (keys, entries, batch_states(states))
         return cached[2]
+
+    def _forget_engine(self, engine: int):
+        self._engines.discard(engine)
+        self._decode_batch.pop(engine, None)
+        for key in [k for k in list(self._requests) if k[0] == engine]:
+            self._requests.pop(key, None)
 
 
 def _check_mask_rows(state: CrossAttentionState, T: int):
