@@ -352,35 +352,3 @@ def load_omnilm(path, device=None, dtype=None):
     load_strict(model, state, source=str(path), dtype=dtype, device=device)
     retie(model)
     return model.eval()
-
-
-# ---- dispatch --------------------------------------------------------------------------------------------
-
-
-def load(path, device=None, dtype=None):
-    path = checkpoint_dir(path)
-    if (path / OMNILM_CONFIG).is_file():
-        return load_omnilm(path, device, dtype)
-    hf = read_config(path)
-    model_type = hf.get("model_type")
-    if model_type == "llama":
-        return load_llama(path, hf, device, dtype)
-    if model_type == "llava":
-        from .vision import load_llava
-
-        return load_llava(path, hf, device, dtype)
-    raise CheckpointError(
-        f"{path}/config.json: model_type {model_type!r} is not supported by omnilm.load "
-        "(expected 'llama', 'llava' or an OmniLM checkpoint)"
-    )
-
-
-def save_pretrained(model, path):
-    fmt = model.config.hf_format
-    if fmt == "llama":
-        return save_llama(model, path)
-    if fmt == "llava":
-        from .vision import save_llava
-
-        return save_llava(model, path)
-    return save_omnilm(model, path)
