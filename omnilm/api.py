@@ -106,8 +106,11 @@ def load_encoder(path, device=None, dtype=None):
 
 def load_processor(path):
     """The processor of a model directory: text tokenizer plus image/audio preprocessing."""
+    from .processing.mllama import MllamaProcessor, is_mllama_dir
     from .processing.multimodal import load_processor as _load_processor
 
+    if is_mllama_dir(resolve(path)):  # Llama-3.2-Vision, or a model composed with cross-attention
+        return MllamaProcessor.from_pretrained(resolve(path))
     return _load_processor(resolve(path))
 
 
