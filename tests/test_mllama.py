@@ -241,6 +241,16 @@ def test_engine_batch_of_different_image_counts_equals_each_alone(hf_dir):
     while engine.has_work():
         engine.step()
     assert [r.output for r in chunked] == alone[:2]
+    # text-only prompts of one length first (the engine prefills them together, one forward), then
+    # the image ones
+    other = prompt(0, length=7, seed=4)[1]
+    alone.append(model.generate(other[None], max_new_tokens=10, eos_token_id=[])[0, 7:].tolist())
+    engine = Engine(model, max_batch=4)
+    mixed = [engine.submit(ids.tolist(), cfg) for ids in (text_only, other)]
+    mixed += [engine.submit(x["input_ids"][0].tolist(), cfg, media(x)) for x in reqs]
+    while engine.has_work():
+        engine.step()
+    assert [r.output for r in mixed] == [alone[2], alone[3], alone[0], alone[1]]
 
 
 def test_bad_image_inputs_are_one_line_errors(hf_dir):

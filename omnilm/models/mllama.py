@@ -211,6 +211,13 @@ class MllamaModel(OmniModel):
         embeds = self.language_model.model.embed_tokens(input_ids)
         state = None
         if pixel_values is not None:
+            if pixel_values.shape[0] != input_ids.shape[0]:
+                # e.g. the engine prefilling prompts of which only some have images together: it
+                # then redoes them one at a time
+                raise ConfigError(
+                    f"pixel_values: {pixel_values.shape[0]} rows for {input_ids.shape[0]} prompts; "
+                    "expected (B, N_images, ...), one row per prompt"
+                )
             state = self.cross_attention_state(
                 pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
             )
@@ -307,10 +314,11 @@ class MllamaModel(OmniModel):
         """The cross-attention state of the rows of an engine forward (omnilm/generation/engine.py).
 
         The engine's paged cache view names each row's KV slots; a request's first slot is its
-        identity while it runs. A prefill chunk (embeddings from embed(), batch 1) claims the state
-        embed() made (at its first chunk) and reads its rows of the mask; a decode step (one token per
-        row) batches the states of its rows, reused while the running set stays the same. States of
-        requests that left the decode batch are dropped.
+        identity while it runs. A prefill (embeddings from embed(): whole prompts of one length, or
+        one prompt's chunk) claims at its first token the state embed() made, one row per request,
+        and reads its rows of the mask; a decode step (one token per row) batches the states of its
+        rows, reused while the running set stays the same. States of requests that left the decode
+        batch are dropped.
         TODO(engine hook): a per-request state the engine keeps (model.request_state(media) at
         admission, handed back per row at prefill/decode) would replace this bookkeeping.
         """
@@ -320,13 +328,16 @@ class MllamaModel(OmniModel):
             self._engines.add(engine)
             weakref.finalize(view.k, self._forget_engine, engine)
         keys = [(engine, slot) for slot in view.read_slots[:, 0].tolist()]  # first KV slot of each row
-        if inputs_embeds is not None and len(keys) == 1:  # a prefill chunk
+        if inputs_embeds is not None:  # a prefill: whole prompts of one length, or a chunk of one
             start, end = int(cache_position[0]), int(cache_position[-1]) + 1
             if start == 0:
                 ptr = inputs_embeds.untyped_storage().data_ptr()
                 state, T = self._embedded.pop(ptr, (None, inputs_embeds.shape[1]))
-                self._requests[keys[0]] = dict(state=state, T=T, done=False)
-            entry = self._requests.get(keys[0])
+                for b, key in enumerate(keys):
+                    row = None if state is None else state.rows(slice(b, b + 1))
+                    self._requests[key] = dict(state=row, T=T, done=end >= T)
+                return None if state is None else state_rows(state, start, end)
+            entry = self._requests.get(keys[0])  # a later chunk (batch 1)
             if entry is None:
                 return None
             entry["done"] = end >= entry["T"]
