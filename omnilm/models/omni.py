@@ -28,15 +28,6 @@ class OmniOutput(CausalLMOutput):
 
 
 class OmniModel(nn.Module):
-    def __new__(cls, cfg: ModelConfig | None = None, *args, **kwargs):
-        # a config with cross-attention fusion builds the Mllama composite (omnilm/models/mllama.py), so
-        # omnilm.build, plan and OmniLM-format loading need no dispatch of their own
-        if cls is OmniModel and getattr(cfg, "cross_attention", None) is not None:
-            from .mllama import MllamaModel
-
-            cls = MllamaModel
-        return super().__new__(cls)
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
