@@ -27,10 +27,10 @@ ADAMW_BYTES = {"weights": 4, "grads": 4, "adam_moments": 8}
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Exact parameter counts by group, from a model built on the meta device."""
-    from .models.omni import OmniModel
+    from .models.builder import model_class
 
     with torch.device("meta"):
-        model = OmniModel(cfg)
+        model = model_class(cfg)(cfg)
     groups = {
         "embeddings": 0,
         "attention": 0,
