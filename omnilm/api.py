@@ -51,12 +51,12 @@ def build(preset="tiny", device=None, dtype=None, seed: int | None = 0):
     import torch
 
     from .config import ModelConfig, get_preset
-    from .models.omni import OmniModel
+    from .models.builder import model_class
 
     cfg = preset if isinstance(preset, ModelConfig) else get_preset(preset)
     if seed is not None:
         torch.manual_seed(seed)
-    model = OmniModel(cfg).init_weights()
+    model = model_class(cfg)(cfg).init_weights()
     return model.to(device=device, dtype=_dtype(dtype)).eval()
 
 
