@@ -71,3 +71,16 @@ def test_unsupported_aspect_ratio_is_an_error(tmp_path):
     proc = MllamaImageProcessor(tile_size=TILE, max_num_tiles=4, supported_aspect_ratios=[[1, 1], [2, 2]])
     with pytest.raises(MediaError, match="not among the supported aspect ratios"):
         proc([p])
+
+
+def test_prompt_markers_and_bos_as_transformers_places_them():
+    from omnilm.processing.mllama import MllamaProcessor
+    from omnilm.tokenizers.text import TextTokenizer
+
+    tok = TextTokenizer.default()
+    proc = MllamaProcessor(tok, MllamaImageProcessor(tile_size=TILE), image_token_id=2048)
+    bos = tok.bos_token_id
+    # transformers' build_string_from_input: leading markers stay before <|begin_of_text|>
+    assert proc.encode("<|image|><|image|>hi")[:3] == [2048, 2048, bos]
+    ids = proc.encode("a <|image|> b")
+    assert ids[0] == bos and ids.count(2048) == 1 and ids[-1] != 2048

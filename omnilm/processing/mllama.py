@@ -266,8 +266,13 @@ class MllamaProcessor:
         return cls(tok, proc, hf.get("image_token_index", 128256))
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Markers at the very start stay before bos, as transformers' processor puts them
+        ("<|image|><|begin_of_text|>..."); the others become the image id where they stand."""
+        lead = 0
+        while text.startswith(IMAGE_MARKER):
+            text, lead = text[len(IMAGE_MARKER) :], lead + 1
         pieces = text.split(IMAGE_MARKER)
-        ids = self.tokenizer.encode(pieces[0], add_bos=add_bos)
+        ids = [self.image_token_id] * lead + self.tokenizer.encode(pieces[0], add_bos=add_bos)
         for piece in pieces[1:]:
             ids += [self.image_token_id] + self.tokenizer.encode(piece)
         return ids
