@@ -84,3 +84,34 @@ def test_prompt_markers_and_bos_as_transformers_places_them():
     assert proc.encode("<|image|><|image|>hi")[:3] == [2048, 2048, bos]
     ids = proc.encode("a <|image|> b")
     assert ids[0] == bos and ids.count(2048) == 1 and ids[-1] != 2048
+
+
+def test_processor_equals_transformers_mllama_processor(tmp_path):
+    """The whole processor against transformers' MllamaProcessor on one tokenizer: three images of
+    different grids, two of them consecutive markers. transformers' tokenizer post-processor adds a
+    second <|begin_of_text|> in front of the one the processor writes; apart from it, ids and masks
+    are equal."""
+    import transformers
+
+    from omnilm.processing.mllama import MllamaProcessor
+    from omnilm.tokenizers.text import TextTokenizer
+
+    tok = TextTokenizer.default()
+    tok.save(tmp_path)
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token=tok.id_to_token(tok.bos_token_id)
+    )
+    ref_proc = transformers.MllamaProcessor(
+        image_processor=MllamaImageProcessorPil(size={"height": TILE, "width": TILE}), tokenizer=hf_tok
+    )
+    ours_proc = MllamaProcessor(tok, MllamaImageProcessor(tile_size=TILE), tok.image_token_id)
+    paths = write_images(tmp_path, "JPEG")
+    images = [paths[1], paths[2], paths[5]]
+    text = "describe <|image|> and <|image|><|image|> then"
+    ref = ref_proc(text=text, images=[Image.open(p).convert("RGB") for p in images], return_tensors="pt")
+    ours = ours_proc(text=text, images=images)
+    assert ref["input_ids"][0, :2].tolist() == [tok.bos_token_id] * 2
+    assert ours["input_ids"].tolist() == ref["input_ids"][:, 1:].tolist()
+    assert ours["cross_attention_mask"].tolist() == ref["cross_attention_mask"][:, 1:].tolist()
+    for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+        assert torch.allclose(ours[key].float(), ref[key].float(), atol=1e-6), key
