@@ -312,7 +312,7 @@ class Engine:
                     return done
                 start, end = seq.cached, seq.cached + n
                 write = torch.tensor(self.kv.slots(seq.pages, start, end), device=self.device)
-                read = torch.tensor([self.kv.slots(seq.pages, 0, end)], device=self.device)  # (1, end)
+                read = self._read_pages([seq], end)  # (1, n_pages)
                 mask = None  # a fresh prompt in one chunk: plain causal attention (SDPA's flash kernel)
                 if start > 0:  # a later chunk: its queries see every earlier key and the causal part
                     q = torch.arange(start, end, device=self.device)
@@ -321,7 +321,7 @@ class Engine:
                     inputs_embeds=seq.embeds[None, start:end],
                     attention_mask=mask,
                     position_ids=torch.arange(start, end, device=self.device)[None],
-                    cache=self.kv.view(write, read),
+                    cache=self.kv.view(write, read, end),
                     cache_position=torch.arange(start, end, device=self.device),
                     kv_len=end,
                     logits_slice=slice(-1, None),
@@ -375,7 +375,7 @@ class Engine:
         out = self.model(
             inputs_embeds=embeds,
             position_ids=torch.arange(T, device=dev)[None].expand(len(rows), -1),
-            cache=self.kv.view(write, write.view(len(rows), T)),
+            cache=self.kv.view(write, self._read_pages([seq for _, _, seq in rows], T), T),
             cache_position=torch.arange(T, device=dev),
             kv_len=T,
             logits_slice=slice(-1, None),
@@ -405,7 +405,7 @@ class Engine:
         tokens = torch.tensor([[req.output[-1]] for req in reqs for _ in req.seqs], device=self.device)
         write = torch.tensor([self.kv.slots(s.pages, s.cached, s.cached + 1)[0] for s in seqs],
                              device=self.device)  # fmt: skip
-        read = self._read_slots(seqs, S)  # (B, S)
+        read = self._read_pages(seqs, S)  # (B, n_pages)
         positions = torch.tensor([[s.cached] for s in seqs], device=self.device)  # (B, 1)
         mask = None
         if min(lengths) != S:  # rows of different lengths: each attends to its own keys only
@@ -415,7 +415,7 @@ class Engine:
             )
             mask = mask[:, None, None, :]  # (B, 1, 1, S)
         only = "image" if all(req.only == "image" for req in reqs) else None
-        logits = self._decode_forward(tokens, mask, positions, write, read, only)  # (B, V) or (B, V_image)
+        logits = self._decode_forward(tokens, mask, positions, write, read, S, only)  # (B, V) or (B, V_image)
         row = 0
         for req, seq_count in [(r, len(r.seqs)) for r in reqs]:
             for seq in req.seqs:
@@ -428,27 +428,25 @@ class Engine:
             row += seq_count
             self._sample(req, rows)
 
-    def _forward(self, tokens, mask, positions, write, read, only):
+    def _forward(self, tokens, mask, positions, write, read, S, only):
         """The decode step's model call: tokens, positions (B, 1); mask (B, 1, 1, S) or None."""
         out = self.model(
             tokens,
             attention_mask=mask,
             position_ids=positions,
-            cache=self.kv.view(write, read),
+            cache=self.kv.view(write, read, S),
             cache_position=positions[0],
-            kv_len=read.shape[1],
+            kv_len=S,
             **({"logits_modality": only} if only else {}),
         )
         return out.logits[:, -1]
 
-    def _read_slots(self, seqs, S: int) -> torch.Tensor:
-        """(B, S) slots of each row's tokens, padded with the row's first slot (masked)."""
-        P = self.page_size
-        n_pages = math.ceil(S / P)
-        table = torch.tensor([s.pages[:n_pages] + [s.pages[0]] * (n_pages - len(s.pages[:n_pages])) for s in seqs],
-                             device=self.device)  # fmt: skip
-        slots = (table[:, :, None] * P + torch.arange(P, device=self.device)).flatten(1)  # (B, n_pages * P)
-        return slots[:, :S]
+    def _read_pages(self, seqs, S: int) -> torch.Tensor:
+        """(B, n_pages) the pages holding each row's first S slots, row-padded with its first page."""
+        n = math.ceil(S / self.page_size)
+        return torch.tensor(
+            [s.pages[:n] + [s.pages[0]] * (n - len(s.pages[:n])) for s in seqs], device=self.device
+        )
 
     def _sample(self, req: Request, rows: list[torch.Tensor]):
         """Choose req's next token from its logits rows (cond first, then uncond), emit it, retire req
