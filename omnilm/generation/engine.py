@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ContextLengthError, OmniLMError, QueueFullError
 from .config import GenerationConfig
-from .paged import PagedKV, PagePool
+from .paged import PagedKV, PagePool, prefix_hashes
 from .processors import IMAGE_CODES, Penalties, SpanController, guide, null_prompt
 from .sampling import sample
 
@@ -128,9 +128,13 @@ class Engine:
         num_pages: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         compile: bool = False,
+        prefix_caching: bool = False,
     ):
         """compile: the decode forward under torch.compile with dynamic batch and length (inductor;
-        worth it where per-op overhead dominates: small models, CPU)."""
+        worth it where per-op overhead dominates: small models, CPU). prefix_caching: prompts that
+        start like an earlier one (a system prompt) reuse its full pages of keys/values (text-only
+        prompts; the rest of the prompt is then prefilled against them)."""
+        self.prefix_caching = prefix_caching
         self.model = model
         self._decode_forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
         dec = model.config.decoder
@@ -289,9 +293,14 @@ class Engine:
             if cfg.guided:
                 uncond = req.uncond_ids or null_prompt(disc, ids, dec.bos_token_id)[0]
                 req.seqs.append(Sequence(list(uncond) or [req.prompt_ids[-1]]))
-        total = min(T + req.max_new, self.ctx)
+        total = math.ceil(min(T + req.max_new, self.ctx) / self.page_size)
         for seq in req.seqs:
-            seq.pages = self.pool.allocate(math.ceil(total / self.page_size))
+            if self.prefix_caching and not req.media and len(req.seqs) == 1:
+                # at least the last prompt token is computed: its logits give the first new token
+                hashes = prefix_hashes(seq.ids, self.page_size, (T - 1) // self.page_size)
+                seq.pages = self.pool.lookup(hashes)
+                seq.cached = len(seq.pages) * self.page_size
+            seq.pages += self.pool.allocate(total - len(seq.pages))
         self.prefilling.append(req)
 
     def _prefill(self, req: Request, budget: int) -> int:
@@ -390,6 +399,10 @@ class Engine:
 
     def _start(self, req: Request):
         """Every sequence of req is prefilled: sample its first token and let it decode."""
+        if self.prefix_caching and not req.media and len(req.seqs) == 1:
+            seq, P = req.seqs[0], self.page_size
+            for page, h in zip(seq.pages, prefix_hashes(seq.ids, P, len(seq.ids) // P)):
+                self.pool.register(page, h)
         self.prefilling.remove(req)
         self.running.append(req)
         self._sample(req, [seq.last_logits for seq in req.seqs])
