@@ -132,7 +132,7 @@ class Pipeline:
         model = self.model
         with self._lock:
             if self._engine is None:
-                self._engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue)
+                self._engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue, prefix_caching=True)
                 self._engine.start()
         return self._engine
 

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ContextLengthError, OmniLMError, QueueFullError
 from .config import GenerationConfig
-from .paged import PagedKV, PagePool
+from .paged import PagedKV, PagePool, prefix_hashes
 from .processors import IMAGE_CODES, Penalties, SpanController, guide, null_prompt
 from .sampling import sample
 
@@ -128,9 +128,13 @@ class Engine:
         num_pages: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         compile: bool = False,
+        prefix_caching: bool = False,
     ):
         """compile: the decode forward under torch.compile with dynamic batch and length (inductor;
-        worth it where per-op overhead dominates: small models, CPU)."""
+        worth it where per-op overhead dominates: small models, CPU). prefix_caching: prompts that
+        start like an earlier one (a system prompt) reuse its full pages of keys/values (text-only
+        prompts; the rest of the prompt is then prefilled against them)."""
+        self.prefix_caching = prefix_caching
         self.model = model
         self._decode_forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
         dec = model.config.decoder
@@ -292,9 +296,14 @@ class Engine:
             if cfg.guided:
                 uncond = req.uncond_ids or null_prompt(disc, ids, dec.bos_token_id)[0]
                 req.seqs.append(Sequence(list(uncond) or [req.prompt_ids[-1]]))
-        total = min(T + req.max_new, self.ctx)
+        total = math.ceil(min(T + req.max_new, self.ctx) / self.page_size)
         for seq in req.seqs:
-            seq.pages = self.pool.allocate(math.ceil(total / self.page_size))
+            if self.prefix_caching and not req.media and len(req.seqs) == 1:
+                # at least the last prompt token is computed: its logits give the first new token
+                hashes = prefix_hashes(seq.ids, self.page_size, (T - 1) // self.page_size)
+                seq.pages = self.pool.lookup(hashes)
+                seq.cached = len(seq.pages) * self.page_size
+            seq.pages += self.pool.allocate(total - len(seq.pages))
         self.prefilling.append(req)
 
     def _prefill(self, req: Request, budget: int) -> int:
@@ -315,7 +324,7 @@ class Engine:
                     return done
                 start, end = seq.cached, seq.cached + n
                 write = torch.tensor(self.kv.slots(seq.pages, start, end), device=self.device)
-                read = torch.tensor([self.kv.slots(seq.pages, 0, end)], device=self.device)  # (1, end)
+                read = self._read_pages([seq], end)  # (1, n_pages)
                 mask = None  # a fresh prompt in one chunk: plain causal attention (SDPA's flash kernel)
                 if start > 0:  # a later chunk: its queries see every earlier key and the causal part
                     q = torch.arange(start, end, device=self.device)
@@ -324,7 +333,7 @@ class Engine:
                     inputs_embeds=seq.embeds[None, start:end],
                     attention_mask=mask,
                     position_ids=torch.arange(start, end, device=self.device)[None],
-                    cache=self.kv.view(write, read),
+                    cache=self.kv.view(write, read, end),
                     cache_position=torch.arange(start, end, device=self.device),
                     kv_len=end,
                     logits_slice=slice(-1, None),
@@ -378,7 +387,7 @@ class Engine:
         out = self.model(
             inputs_embeds=embeds,
             position_ids=torch.arange(T, device=dev)[None].expand(len(rows), -1),
-            cache=self.kv.view(write, write.view(len(rows), T)),
+            cache=self.kv.view(write, self._read_pages([seq for _, _, seq in rows], T), T),
             cache_position=torch.arange(T, device=dev),
             kv_len=T,
             logits_slice=slice(-1, None),
@@ -393,6 +402,10 @@ class Engine:
 
     def _start(self, req: Request):
         """Every sequence of req is prefilled: sample its first token and let it decode."""
+        if self.prefix_caching and not req.media and len(req.seqs) == 1:
+            seq, P = req.seqs[0], self.page_size
+            for page, h in zip(seq.pages, prefix_hashes(seq.ids, P, len(seq.ids) // P)):
+                self.pool.register(page, h)
         self.prefilling.remove(req)
         self.running.append(req)
         self._sample(req, [seq.last_logits for seq in req.seqs])
@@ -408,7 +421,7 @@ class Engine:
         tokens = torch.tensor([[req.output[-1]] for req in reqs for _ in req.seqs], device=self.device)
         write = torch.tensor([self.kv.slots(s.pages, s.cached, s.cached + 1)[0] for s in seqs],
                              device=self.device)  # fmt: skip
-        read = self._read_slots(seqs, S)  # (B, S)
+        read = self._read_pages(seqs, S)  # (B, n_pages)
         positions = torch.tensor([[s.cached] for s in seqs], device=self.device)  # (B, 1)
         mask = None
         if min(lengths) != S:  # rows of different lengths: each attends to its own keys only
@@ -418,7 +431,7 @@ class Engine:
             )
             mask = mask[:, None, None, :]  # (B, 1, 1, S)
         only = "image" if all(req.only == "image" for req in reqs) else None
-        logits = self._decode_forward(tokens, mask, positions, write, read, only)  # (B, V) or (B, V_image)
+        logits = self._decode_forward(tokens, mask, positions, write, read, S, only)  # (B, V) or (B, V_image)
         row = 0
         for req, seq_count in [(r, len(r.seqs)) for r in reqs]:
             for seq in req.seqs:
@@ -431,27 +444,25 @@ class Engine:
             row += seq_count
             self._sample(req, rows)
 
-    def _forward(self, tokens, mask, positions, write, read, only):
+    def _forward(self, tokens, mask, positions, write, read, S, only):
         """The decode step's model call: tokens, positions (B, 1); mask (B, 1, 1, S) or None."""
         out = self.model(
             tokens,
             attention_mask=mask,
             position_ids=positions,
-            cache=self.kv.view(write, read),
+            cache=self.kv.view(write, read, S),
             cache_position=positions[0],
-            kv_len=read.shape[1],
+            kv_len=S,
             **({"logits_modality": only} if only else {}),
         )
         return out.logits[:, -1]
 
-    def _read_slots(self, seqs, S: int) -> torch.Tensor:
-        """(B, S) slots of each row's tokens, padded with the row's first slot (masked)."""
-        P = self.page_size
-        n_pages = math.ceil(S / P)
-        table = torch.tensor([s.pages[:n_pages] + [s.pages[0]] * (n_pages - len(s.pages[:n_pages])) for s in seqs],
-                             device=self.device)  # fmt: skip
-        slots = (table[:, :, None] * P + torch.arange(P, device=self.device)).flatten(1)  # (B, n_pages * P)
-        return slots[:, :S]
+    def _read_pages(self, seqs, S: int) -> torch.Tensor:
+        """(B, n_pages) the pages holding each row's first S slots, row-padded with its first page."""
+        n = math.ceil(S / self.page_size)
+        return torch.tensor(
+            [s.pages[:n] + [s.pages[0]] * (n - len(s.pages[:n])) for s in seqs], device=self.device
+        )
 
     def _sample(self, req: Request, rows: list[torch.Tensor]):
         """Choose req's next token from its logits rows (cond first, then uncond), emit it, retire req
