@@ -251,6 +251,19 @@ def test_engine_batch_of_different_image_counts_equals_each_alone(hf_dir):
     while engine.has_work():
         engine.step()
     assert [r.output for r in mixed] == [alone[2], alone[3], alone[0], alone[1]]
+    # prefix caching: a text-only prompt seen before reuses its pages (40 tokens: 2 full pages of 16);
+    # image prompts never do
+    long = prompt(0, length=40, seed=5)[1]
+    long_alone = model.generate(long[None], max_new_tokens=10, eos_token_id=[])[0, 40:].tolist()
+    engine = Engine(model, max_batch=4, prefix_caching=True)
+    for _ in range(2):
+        again = [
+            engine.submit(long.tolist(), cfg),
+            engine.submit(reqs[0]["input_ids"][0].tolist(), cfg, media(reqs[0])),
+        ]
+        while engine.has_work():
+            engine.step()
+        assert [r.output for r in again] == [long_alone, alone[0]]
 
 
 def test_bad_image_inputs_are_one_line_errors(hf_dir):

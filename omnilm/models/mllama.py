@@ -313,8 +313,9 @@ class MllamaModel(OmniModel):
     def _engine_state(self, cache, inputs_embeds, cache_position) -> CrossAttentionState | None:
         """The cross-attention state of the rows of an engine forward (omnilm/generation/engine.py).
 
-        The engine's paged cache view names each row's KV slots; a request's first slot is its
-        identity while it runs. A prefill (embeddings from embed(): whole prompts of one length, or
+        The engine's paged cache view names each row's KV pages; a request's first page is its
+        identity while it runs (pages shared by prefix caching belong to text-only requests, whose
+        state is None). A prefill (embeddings from embed(): whole prompts of one length, or
         one prompt's chunk) claims at its first token the state embed() made, one row per request,
         and reads its rows of the mask; a decode step (one token per row) batches the states of its
         rows, reused while the running set stays the same. States of requests that left the decode
@@ -327,7 +328,9 @@ class MllamaModel(OmniModel):
         if engine not in self._engines:  # when the engine's KV store is freed, so are its states
             self._engines.add(engine)
             weakref.finalize(view.k, self._forget_engine, engine)
-        keys = [(engine, slot) for slot in view.read_slots[:, 0].tolist()]  # first KV slot of each row
+        # the first KV page (or slot) each row reads: the request's identity while it runs
+        table = view.read_pages if hasattr(view, "read_pages") else view.read_slots
+        keys = [(engine, first) for first in table[:, 0].tolist()]
         if inputs_embeds is not None:  # a prefill: whole prompts of one length, or a chunk of one
             start, end = int(cache_position[0]), int(cache_position[-1]) + 1
             if start == 0:
