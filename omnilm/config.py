@@ -50,7 +50,10 @@ class DecoderConfig:
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = True
     attention_bias: bool = False
+    qkv_bias: bool = False  # bias on q/k/v only, o_proj without (Qwen2); attention_bias sets all four
     mlp_bias: bool = False
+    sliding_window: int | None = None  # keys a query sees in a "sliding_attention" layer (Qwen2, HF's rule)
+    layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention"; None: all full
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -78,6 +81,17 @@ class DecoderConfig:
             <= 0
         ):
             raise ConfigError("decoder sizes must be positive")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            kinds = {"full_attention", "sliding_attention"}
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= kinds:
+                raise ConfigError(
+                    f"layer_types must list {self.num_layers} of {sorted(kinds)}, got {self.layer_types}"
+                )
+            if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) > 0:
+                raise ConfigError(
+                    f"sliding_attention layers need a positive sliding_window, got {self.sliding_window}"
+                )
 
 
 # ---- modality configs: each path adds its dataclasses below its own marker (decorated @register_config) ----
