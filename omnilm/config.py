@@ -586,6 +586,28 @@ def _llama(hidden, layers, heads, kv, ffn, head_dim, rope, tie, source):
     )
 
 
+def _qwen25(hidden, layers, heads, kv, ffn, tie, vocab, max_pos, source):
+    # Qwen2.5 base configs: q/k/v bias, rope theta 1e6, RMSNorm eps 1e-6, sliding window off
+    return ModelConfig(
+        decoder=DecoderConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv,
+            intermediate_size=ffn,
+            max_seq_len=max_pos,
+            rope_theta=1000000.0,
+            tie_embeddings=tie,
+            qkv_bias=True,
+            norm_eps=1e-6,
+            bos_token_id=151643,
+            eos_token_id=151643,
+        ),
+        source=source,
+    )
+
+
 PRESETS = {
     "tiny": _tiny,
     # meta-llama/Llama-3.2-1B config.json (https://huggingface.co/meta-llama/Llama-3.2-1B); seed 004
@@ -623,6 +645,51 @@ PRESETS = {
         LLAMA3_ROPE_8B,
         False,
         "https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json",
+    ),
+    # Qwen/Qwen2.5-*B config.json files (https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json, ...)
+    "qwen2.5-0.5b": lambda: _qwen25(
+        896,
+        24,
+        14,
+        2,
+        4864,
+        True,
+        151936,
+        32768,
+        "https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json",
+    ),
+    "qwen2.5-1.5b": lambda: _qwen25(
+        1536,
+        28,
+        12,
+        2,
+        8960,
+        True,
+        151936,
+        131072,
+        "https://huggingface.co/Qwen/Qwen2.5-1.5B/blob/main/config.json",
+    ),
+    "qwen2.5-3b": lambda: _qwen25(
+        2048,
+        36,
+        16,
+        2,
+        11008,
+        True,
+        151936,
+        32768,
+        "https://huggingface.co/Qwen/Qwen2.5-3B/blob/main/config.json",
+    ),
+    "qwen2.5-7b": lambda: _qwen25(
+        3584,
+        28,
+        28,
+        4,
+        18944,
+        False,
+        152064,
+        131072,
+        "https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json",
     ),
     # The unified discrete-token transformer (seeds/002): hidden 4096, 36 layers, 32 heads, FFN 16384,
     # pre-LayerNorm, GELU FFN, RoPE, text vocab 50257 (+ image 16384 and audio 1024 codes, added by the

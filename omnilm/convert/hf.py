@@ -371,6 +371,10 @@ def load(path, device=None, dtype=None):
         from .vision import load_llava
 
         return load_llava(path, hf, device, dtype)
+    if model_type == "qwen2":
+        from .qwen2 import load_qwen2
+
+        return load_qwen2(path, hf, device, dtype)
     raise CheckpointError(
         f"{path}/config.json: model_type {model_type!r} is not supported by omnilm.load "
         "(expected 'llama', 'llava' or an OmniLM checkpoint)"
@@ -389,4 +393,8 @@ def save_pretrained(model, path):
         from .vision import save_llava
 
         return save_llava(model, path)
+    if (fmt == "qwen2" or (fmt == "llama" and model.config.decoder.qkv_bias)) and not has_extras:
+        from .qwen2 import save_qwen2
+
+        return save_qwen2(model, path)
     return save_omnilm(model, path)
