@@ -91,7 +91,23 @@ def load_processor(path):
     """The processor of a model directory: text tokenizer plus image/audio preprocessing."""
     from .processing.multimodal import load_processor as _load_processor
 
-    return _load_processor(_resolve(path))
+    path = _resolve(path)
+    model_type = _hf_model_type(path)
+    if model_type == "qwen2_audio":
+        from .processing.qwen2_audio import Qwen2AudioProcessor
+
+        return Qwen2AudioProcessor.from_pretrained(path)
+    return _load_processor(path)
+
+
+def _hf_model_type(path) -> str | None:
+    import json
+
+    f = Path(path) / "config.json"
+    try:
+        return json.loads(f.read_text()).get("model_type") if f.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return None  # the generic loader reports unreadable configs
 
 
 def load_codec(path):

@@ -44,6 +44,7 @@ def cmd_generate(args):
         seed=args.seed,
         eos_token_id=eos or None,
     )
+    settings.update({k: batch[k] for k in ("feature_attention_mask",) if batch.get(k) is not None})
     if args.guidance_scale is not None:  # classifier-free guidance of image spans (discrete models)
         if getattr(model, "discrete", None) is None:
             raise OmniLMError(

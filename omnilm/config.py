@@ -243,8 +243,8 @@ class AudioConfig:
     projector_stack: int = 4  # adjacent encoder frames folded into one decoder token
 
     def __post_init__(self):
-        if self.kind not in ("whisper", "wav2vec2"):
-            raise ConfigError(f"audio kind must be 'whisper' or 'wav2vec2', got {self.kind!r}")
+        if self.kind not in ("whisper", "wav2vec2", "qwen2_audio"):
+            raise ConfigError(f"audio kind must be 'whisper', 'wav2vec2' or 'qwen2_audio', got {self.kind!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"audio hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -265,7 +265,7 @@ class AudioConfig:
                 f"window_seconds {self.window_seconds} x sampling_rate {self.sampling_rate} is not a whole "
                 "number of samples"
             )
-        if self.kind == "whisper" and self.frames_per_window > self.max_source_positions:
+        if self.kind != "wav2vec2" and self.frames_per_window > self.max_source_positions:
             raise ConfigError(
                 f"a {self.window_seconds} s window gives {self.frames_per_window} encoder frames but "
                 f"max_source_positions is {self.max_source_positions}"
@@ -283,9 +283,11 @@ class AudioConfig:
     @property
     def frames_per_window(self) -> int:
         """Encoder output frames for one window (after the encoder's own downsampling)."""
-        if self.kind == "whisper":
+        if self.kind != "wav2vec2":
             mel_frames = self.samples_per_window // self.hop_length  # 480000 / 160 = 3000
-            return (mel_frames - 1) // 2 + 1  # conv2: kernel 3, stride 2, padding 1
+            frames = (mel_frames - 1) // 2 + 1  # conv2: kernel 3, stride 2, padding 1
+            # qwen2_audio: the average pool (kernel 2, stride 2) after the layers, 1500 -> 750
+            return (frames - 2) // 2 + 1 if self.kind == "qwen2_audio" else frames
         n = self.samples_per_window
         for k, s in zip(self.conv_kernel, self.conv_stride):
             n = (n - k) // s + 1 if n >= k else 0

@@ -375,6 +375,10 @@ def load(path, device=None, dtype=None):
         from .qwen2 import load_qwen2
 
         return load_qwen2(path, hf, device, dtype)
+    if model_type == "qwen2_audio":
+        from .qwen2_audio import load_qwen2_audio
+
+        return load_qwen2_audio(path, hf, device, dtype)
     raise CheckpointError(
         f"{path}/config.json: model_type {model_type!r} is not supported by omnilm.load "
         "(expected 'llama', 'llava' or an OmniLM checkpoint)"
@@ -397,4 +401,8 @@ def save_pretrained(model, path):
         from .qwen2 import save_qwen2
 
         return save_qwen2(model, path)
+    if fmt == "qwen2_audio" and model.vision_tower is None and not model.config.discrete:
+        from .qwen2_audio import save_qwen2_audio
+
+        return save_qwen2_audio(model, path)
     return save_omnilm(model, path)
