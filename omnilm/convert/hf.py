@@ -379,6 +379,10 @@ def load(path, device=None, dtype=None):
         from .qwen2_audio import load_qwen2_audio
 
         return load_qwen2_audio(path, hf, device, dtype)
+    if model_type == "emu3":
+        from .emu3 import load_emu3
+
+        return load_emu3(path, hf, device, dtype)
     raise CheckpointError(
         f"{path}/config.json: model_type {model_type!r} is not supported by omnilm.load "
         "(expected 'llama', 'llava' or an OmniLM checkpoint)"
@@ -405,4 +409,8 @@ def save_pretrained(model, path):
         from .qwen2_audio import save_qwen2_audio
 
         return save_qwen2_audio(model, path)
+    if fmt == "emu3":
+        from .emu3 import save_emu3
+
+        return save_emu3(model, path)
     return save_omnilm(model, path)

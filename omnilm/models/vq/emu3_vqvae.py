@@ -47,7 +47,9 @@ class Emu3VQConfig:
         if self.temporal_downsample_factor < 1 or self.temporal_downsample_factor & (
             self.temporal_downsample_factor - 1
         ):
-            raise ConfigError(f"temporal_downsample_factor must be a power of 2, got {self.temporal_downsample_factor}")
+            raise ConfigError(
+                f"temporal_downsample_factor must be a power of 2, got {self.temporal_downsample_factor}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("Emu3 VQ hidden_size must be divisible by num_attention_heads")
 
@@ -144,7 +146,9 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x):  # (B, N, D)
         B, N, D = x.shape
-        q, k, v = (p(x).view(B, N, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(B, N, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
         return self.out_proj(out.transpose(1, 2).reshape(B, N, D))
 
@@ -355,7 +359,12 @@ class Emu3VQVAE(nn.Module):
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1], H and W multiples of the spatial factor -> codes (B, H / f, W / f)."""
         f = self.config.spatial_factor
-        if pixels.dim() != 4 or pixels.shape[1] != self.config.in_channels or pixels.shape[-1] % f or pixels.shape[-2] % f:
+        if (
+            pixels.dim() != 4
+            or pixels.shape[1] != self.config.in_channels
+            or pixels.shape[-1] % f
+            or pixels.shape[-2] % f
+        ):
             raise ConfigError(
                 f"Emu3 VQ encode expects (B, {self.config.in_channels}, H, W) with H and W multiples of {f}, "
                 f"got {tuple(pixels.shape)}"
