@@ -97,6 +97,10 @@ def load_processor(path):
         from .processing.qwen2_audio import Qwen2AudioProcessor
 
         return Qwen2AudioProcessor.from_pretrained(path)
+    if model_type == "emu3":
+        from .processing.emu3 import Emu3Processor
+
+        return Emu3Processor.from_pretrained(path)
     return _load_processor(path)
 
 

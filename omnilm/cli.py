@@ -28,6 +28,8 @@ def cmd_generate(args):
     _check_device(args.device)
     model_dir = checkpoint_dir(omnilm._resolve(args.model))
     processor = omnilm.load_processor(model_dir)
+    if args.output_image and hasattr(processor, "generation_grid"):  # Emu3: text-to-image under its grammar
+        return _emu3_image(args, processor, model_dir)
     batch = _prompt_batch(args, processor, model_dir)
     dtype = args.dtype or ("bfloat16" if args.device and args.device.startswith("cuda") else None)
     model = omnilm.load(model_dir, device=args.device, dtype=dtype)
@@ -59,6 +61,38 @@ def cmd_generate(args):
         print(tok.decode(new))
     if args.output_image or args.output_audio:
         _write_media(model, args, ids[0].tolist() + new, model_dir)
+
+
+def _emu3_image(args, processor, model_dir):
+    import omnilm
+
+    from .generation.emu3_grammar import generate_image
+
+    width, height = args.image_size or (processor.image_area**0.5,) * 2
+    processor.generation_grid(int(height), int(width))  # a bad size fails before the weights load
+    model = omnilm.load(model_dir, device=args.device, dtype=args.dtype)
+    image, _, _ = generate_image(
+        model,
+        processor,
+        args.prompt,
+        int(height),
+        int(width),
+        guidance_scale=args.guidance_scale,
+        temperature=args.temperature or 1.0,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    image.save(args.output_image)
+    print(f"wrote {args.output_image}")
+
+
+def _image_size(s):
+    try:
+        w, h = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, got {s!r}") from None
+    return w, h
 
 
 def _prompt_batch(args, processor, model_dir):
@@ -225,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--output-image", default=None)
+    p.add_argument(
+        "--image-size", type=_image_size, default=None, help="WIDTHxHEIGHT of a generated image (Emu3)"
+    )
     p.add_argument("--output-audio", default=None)
     p.add_argument("--guidance-scale", type=_non_negative, default=None, help="CFG scale for image spans")
     p.add_argument("--device", default=None)

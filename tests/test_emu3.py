@@ -1,23 +1,42 @@
 """Emu3 against transformers' Emu3ForConditionalGeneration / Emu3VQVAE on a tiny random model: logits with
 an image in the prompt, greedy tokens, the VQ-VAE as an OmniLM codec, save back, and the image grammar."""
 
+import subprocess
+import sys
+
 import pytest
+from PIL import Image
 import torch
 
 import omnilm
 from omnilm.errors import ConfigError
+from omnilm.generation.emu3_grammar import generate_image
 
 transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
 
-VOCAB, CODES = 300, 64
-IMAGE_START, IMAGE_WRAPPER, IMAGE, EOL, EOF, IMAGE_END = 280, 281, 290, 291, 292, 293
+VOCAB, CODES = 352, 64
+MARKERS = ["<|image start|>", "<|image token|>", "<image>", "<|extra_200|>", "<|extra_201|>", "<|image end|>"]
+IMAGE_START, IMAGE_WRAPPER, IMAGE, EOL, EOF, IMAGE_END = range(280, 286)
+VISUAL0 = 286
 
 
-def vocabulary_map():
-    vm = {"<|image start|>": IMAGE_START, "<|image token|>": IMAGE_WRAPPER, "<image>": IMAGE}
-    vm.update({"<|extra_200|>": EOL, "<|extra_201|>": EOF, "<|image end|>": IMAGE_END})
-    vm.update({f"<|visual token {i:06d}|>": 200 + i for i in range(CODES)})
-    return vm
+def make_tokenizer(path):
+    """A byte-level BPE (pad 0, bos 1, eos 2) with Emu3's markers and visual tokens as special tokens."""
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=280,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["a red square on a blue sky", "draw a cat 4*4 8*8 16*16"] * 30, trainer)
+    assert tok.get_vocab_size() == 280
+    tok.add_special_tokens(MARKERS + [f"<|visual token {i:06d}|>" for i in range(CODES)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    return {k: v for k, v in tok.get_vocab(with_added_tokens=True).items() if k in MARKERS or "visual" in k}
 
 
 VQ = dict(
@@ -36,6 +55,8 @@ VQ = dict(
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("emu3") / "hf"
+    vocabulary_map = make_tokenizer(path)
+    assert vocabulary_map["<image>"] == IMAGE and vocabulary_map["<|visual token 000000|>"] == VISUAL0
     torch.manual_seed(0)
     cfg = transformers.Emu3Config(
         vq_config=VQ,
@@ -51,7 +72,7 @@ def tiny(tmp_path_factory):
             eos_token_id=2,
             max_position_embeddings=1024,
         ),
-        vocabulary_map=vocabulary_map(),
+        vocabulary_map=vocabulary_map,
     )
     ref = transformers.Emu3ForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # norms, batch-norm statistics and biases off their init values
@@ -127,3 +148,66 @@ def test_placeholder_count_mismatch(tiny):
     model = omnilm.load(path)
     with pytest.raises(ConfigError, match="placeholder"):
         model(input_ids=image_prompt(4, 3), pixel_values=torch.rand(1, 3, 8, 8))
+
+
+def test_text_to_image_follows_the_grammar(tiny):
+    _, path = tiny
+    model, proc = omnilm.load(path), omnilm.load_processor(path)
+    image, ids, codes = generate_image(
+        model, proc, "a red square", 8, 12, guidance_scale=3.0, temperature=1.0, seed=5
+    )
+    h, w = 4, 6
+    header = [IMAGE_START, *proc.tokenizer.encode(f"{h}*{w}"), IMAGE_WRAPPER]
+    ids = ids.tolist()
+    assert ids[: len(header)] == header
+    body = ids[len(header) : len(header) + h * (w + 1)]
+    for r in range(h):
+        row = body[r * (w + 1) : (r + 1) * (w + 1)]
+        assert all(VISUAL0 <= t < VISUAL0 + CODES for t in row[:-1]) and row[-1] == EOL
+    assert ids[len(header) + h * (w + 1) :] == [EOF, IMAGE_END, 2]
+    assert codes.shape == (h, w) and image.size == (12, 8)
+    _, again, _ = generate_image(
+        model, proc, "a red square", 8, 12, guidance_scale=3.0, temperature=1.0, seed=5
+    )
+    assert again.tolist() == ids
+
+
+def test_cli_writes_a_png_of_the_requested_size(tiny, tmp_path):
+    _, path = tiny
+    outs = []
+    for name in ("a.png", "b.png"):
+        cmd = [sys.executable, "-m", "omnilm", "generate", "--model", str(path), "--prompt", "a cat"]
+        cmd += [
+            "--output-image",
+            str(tmp_path / name),
+            "--image-size",
+            "12x8",
+            "--seed",
+            "7",
+            "--guidance-scale",
+            "2",
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        outs.append(Image.open(tmp_path / name))
+    assert outs[0].size == (12, 8)
+    assert outs[0].tobytes() == outs[1].tobytes()  # same seed, same image
+    cmd = [sys.executable, "-m", "omnilm", "generate", "--model", str(path), "--prompt", "a cat"]
+    cmd += ["--output-image", str(tmp_path / "c.png"), "--image-size", "4096x4096"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "over the configured area" in out.stderr
+
+
+def test_processor_image_over_the_area_is_refused(tiny, tmp_path):
+    _, path = tiny
+    proc = omnilm.load_processor(path)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (2100, 2100)).save(big)
+    with pytest.raises(omnilm.errors.MediaError, match="pixels"):
+        proc(text="<image>what is this", images=[str(big)])
+    small = tmp_path / "small.png"
+    Image.fromarray((torch.rand(40, 56, 3) * 255).byte().numpy()).save(small)
+    batch = proc(text="<image>what is this", images=[str(small)])
+    ref = transformers.Emu3ImageProcessor()(Image.open(small), return_tensors="pt")
+    assert batch["pixel_values"].shape == ref["pixel_values"].shape
+    assert (batch["pixel_values"] - ref["pixel_values"]).abs().max() < 0.05

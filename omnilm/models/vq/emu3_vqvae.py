@@ -217,7 +217,7 @@ class DownBlock(nn.Module):
             self.down.append(level)
 
     def forward(self, x):
-        for i, level in enumerate(self.down):
+        for level in self.down:
             for j, block in enumerate(level.block):
                 x = block(x)
                 if len(level.attn):
