@@ -7,8 +7,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import hooks
+
 __version__ = "0.1.0"
-__all__ = ["load", "build", "load_encoder", "load_processor", "load_codec", "BUNDLED_MODELS"]
+__all__ = ["load", "build", "load_encoder", "load_processor", "load_codec", "Pipeline", "BUNDLED_MODELS"]
+
+
+def __getattr__(name):  # Pipeline imports torch: only when asked for, so `omnilm plan` starts fast
+    if name == "Pipeline":
+        from .pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'omnilm' has no attribute {name!r}")
+
 
 _ASSETS = Path(__file__).parent / "assets"
 # names that stand for checkpoints shipped inside the package
@@ -59,10 +70,29 @@ def build(preset="tiny", device=None, dtype=None, seed: int | None = 0):
     if seed is not None:
         torch.manual_seed(seed)
     model = OmniModel(cfg).init_weights()
-    model.hf_format = (
-        "llama" if cfg.vision is None and cfg.audio is None and cfg.discrete is None else "omnilm"
-    )
     return model.to(device=device, dtype=_dtype(dtype)).eval()
+
+
+def _generate(model, input_ids, **settings):
+    from .generation.generate import generate
+
+    return generate(model, input_ids, **settings)
+
+
+def _stream(model, input_ids, **settings):
+    from .generation.generate import stream
+
+    return stream(model, input_ids, **settings)
+
+
+def _save_pretrained(model, path):
+    from .convert.hf import save_pretrained
+
+    return save_pretrained(model, path)
+
+
+# model.generate / model.stream / model.save_pretrained (see omnilm/hooks.py)
+hooks.MODEL_METHODS.update(generate=_generate, stream=_stream, save_pretrained=_save_pretrained)
 
 
 def load_encoder(path, device=None, dtype=None):

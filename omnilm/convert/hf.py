@@ -309,7 +309,6 @@ def load_llama(path, hf_config: dict, device=None, dtype=None):
     state = llama_state_from_hf(read_state_dict(path), cfg.decoder)
     load_strict(model.language_model, state, source=str(path), dtype=dtype, device=device)
     retie(model)
-    model.hf_format = "llama"
     return model.eval()
 
 
@@ -352,7 +351,6 @@ def load_omnilm(path, device=None, dtype=None):
         state.setdefault("language_model.lm_head.weight", state["language_model.model.embed_tokens.weight"])
     load_strict(model, state, source=str(path), dtype=dtype, device=device)
     retie(model)
-    model.hf_format = "omnilm"
     return model.eval()
 
 
@@ -390,22 +388,18 @@ def load(path, device=None, dtype=None):
 
 
 def save_pretrained(model, path):
-    fmt = getattr(model, "hf_format", "omnilm")
-    has_extras = (
-        any(getattr(model, n, None) is not None for n in ("vision_tower", "audio_tower"))
-        or model.config.discrete
-    )
-    if fmt == "llama" and not has_extras:
+    fmt = model.hf_format  # the config's, or a family model's own (Qwen2-Audio, Emu3)
+    if fmt == "llama":
         return save_llama(model, path)
-    if fmt == "llava" and model.audio_tower is None and not model.config.discrete:
+    if fmt == "llava":
         from .vision import save_llava
 
         return save_llava(model, path)
-    if (fmt == "qwen2" or (fmt == "llama" and model.config.decoder.qkv_bias)) and not has_extras:
+    if fmt == "qwen2":
         from .qwen2 import save_qwen2
 
         return save_qwen2(model, path)
-    if fmt == "qwen2_audio" and model.vision_tower is None and not model.config.discrete:
+    if fmt == "qwen2_audio":
         from .qwen2_audio import save_qwen2_audio
 
         return save_qwen2_audio(model, path)

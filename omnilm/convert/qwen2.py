@@ -88,7 +88,6 @@ def load_qwen2(path, hf_config: dict, device=None, dtype=None):
     state = llama_state_from_hf(read_state_dict(path), cfg.decoder)
     load_strict(model.language_model, state, source=str(path), dtype=dtype, device=device)
     retie(model)
-    model.hf_format = "qwen2"
     return model.eval()
 
 

@@ -127,7 +127,6 @@ def load_qwen2_audio(path, hf_config: dict, device=None, dtype=None):
         )
     load_strict(model, state, source=str(path), dtype=dtype, device=device)
     retie(model)
-    model.hf_format = "qwen2_audio"
     return model.eval()
 
 

@@ -33,7 +33,10 @@ class Emu3Model(OmniModel):
         self.register_buffer("img2bpe", torch.tensor([v for _, v in visual]), persistent=False)
         self.eol_token_id = vocabulary_map.get("<|extra_200|>")
         self.image_token_id = vocabulary_map.get("<image>")
-        self.hf_format = "emu3"
+
+    @property
+    def hf_format(self) -> str:
+        return "emu3"
 
     def image_tokens(self, pixel_values, image_sizes=None) -> torch.Tensor:
         """(N, 3, H, W) and (N, 2) sizes -> the BPE ids of all images, rows ended by end-of-line, flat."""

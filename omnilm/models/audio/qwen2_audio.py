@@ -77,7 +77,9 @@ class Qwen2AudioModel(OmniModel):
     placeholders; without a mask every clip is a full 30 s (750 tokens).
     """
 
-    _feature_attention_mask = None  # set for the duration of generate(); the prefill forward reads it
+    @property
+    def hf_format(self) -> str:
+        return "qwen2_audio"
 
     def audio_features(self, input_features, feature_attention_mask=None):
         """(N, n_mels, 3000) -> (1, sum of clip lengths, D): the kept rows of all clips, in order."""
@@ -99,8 +101,6 @@ class Qwen2AudioModel(OmniModel):
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, input_features=None, **kwargs):
         mask = kwargs.pop("feature_attention_mask", None)
-        if mask is None:
-            mask = self._feature_attention_mask
         if input_features is not None and kwargs.get("inputs_embeds") is None:
             if mask is not None and mask.shape != (input_features.shape[0], input_features.shape[-1]):
                 raise ConfigError(
@@ -112,10 +112,3 @@ class Qwen2AudioModel(OmniModel):
             )  # encoder checks features
             kwargs["inputs_embeds"] = self.embed(input_ids, pixel_values, input_features, mask)
         return super().forward(input_ids, attention_mask, pixel_values=pixel_values, **kwargs)
-
-    def generate(self, input_ids, *args, feature_attention_mask=None, **kwargs):
-        self._feature_attention_mask = feature_attention_mask
-        try:
-            return super().generate(input_ids, *args, **kwargs)
-        finally:
-            self._feature_attention_mask = None
