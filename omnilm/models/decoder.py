@@ -85,7 +85,14 @@ class Decoder(nn.Module):
             mask = causal_mask(cache_position, S, attention_mask)
         window_mask = None
         if self.cfg.layer_types is not None and "sliding_attention" in self.cfg.layer_types:
-            window_mask = sliding_window_mask(mask, cache_position, kv_len or T, self.cfg.sliding_window)
+            # the query slots: each row's positions unless a (B, S) mask left-pads rows (slots then differ
+            # from positions, and HF's rule is by slot); the engine's rows each start at slot 0
+            q_slots = (
+                position_ids if attention_mask is None or attention_mask.dim() == 4 else cache_position[None]
+            )
+            window_mask = sliding_window_mask(
+                mask, cache_position, q_slots, kv_len or T, self.cfg.sliding_window
+            )
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if window_mask is not None and self.cfg.layer_types[i] == "sliding_attention":
@@ -95,13 +102,14 @@ class Decoder(nn.Module):
         return self.norm(x)
 
 
-def sliding_window_mask(mask, cache_position, kv_len: int, window: int):
+def sliding_window_mask(mask, cache_position, q_slots, kv_len: int, window: int):
     """The layer mask of a "sliding_attention" layer: `mask` (None: plain causal) and only keys whose slot
-    is within `window` of the query's (HF's rule: key_slot > query_slot - window). (B or 1, 1, T, S)."""
+    is within `window` of the query's (HF's rule: key_slot > query_slot - window). q_slots (B or 1, T).
+    -> (B or 1, 1, T, S)."""
     if mask is None:
         mask = causal_mask(cache_position, kv_len)
     k_slots = torch.arange(mask.shape[-1], device=cache_position.device)
-    return mask & (k_slots[None, :] > cache_position[:, None] - window)
+    return mask & (k_slots[None, None, :] > q_slots[:, :, None] - window)[:, None]
 
 
 def positions_from_mask(attention_mask, cache_position, batch):
