@@ -109,3 +109,25 @@ def test_qwen25_presets_have_the_published_sizes():
     assert count_params(get_preset("qwen2.5-1.5b"))["total"] == 1_543_714_304
     assert count_params(get_preset("qwen2.5-3b"))["total"] == 3_085_938_688
     assert count_params(get_preset("qwen2.5-7b"))["total"] == 7_615_616_512
+
+
+def test_sliding_window_batch_equals_rows_alone(tmp_path):
+    # rows of different lengths decode in one engine batch; the window must follow each row's own slots
+    from omnilm.generation import Engine, GenerationConfig
+
+    _, path = tiny_qwen2(tmp_path, sliding=True)
+    model = omnilm.load(path)
+    prompts = [torch.randint(3, 320, (11,)).tolist(), torch.randint(3, 320, (4,)).tolist()]
+    cfg = GenerationConfig(max_new_tokens=10, eos_token_id=[], logprobs=0)
+
+    def run(rows):
+        engine = Engine(model, max_batch=2)
+        reqs = [engine.submit(r, cfg) for r in rows]
+        while engine.has_work():
+            engine.step()
+        return [[ev.logprob for ev in r.events()] for r in reqs]
+
+    both = run(prompts)
+    for row, prompt in enumerate(prompts):
+        (alone,) = run([prompt])
+        assert max(abs(x - y) for x, y in zip(both[row], alone)) < 1e-4

@@ -1,21 +1,23 @@
-"""Emu3's image grammar as a per-row logits processor, and a small generation loop that hosts it.
+"""Emu3's image grammar as a per-row logits processor, and text-to-image through the one engine.
 
 An Emu3 image is, token by token: the size header `<|image start|>` + "h*w" + `<|image token|>`,
 then h rows of w visual tokens each ended by the end-of-line token `<|extra_200|>`, then
 `<|extra_201|>` (end of frame), `<|image end|>` and the end-of-sequence token. Every position of
 that sequence is either one forced id or "any visual token", so the grammar is a table over
 positions plus a (B,) position counter: `process(logits (B, V))` masks, `update(tokens (B,))`
-advances, with no host reads (the shape of generation/spans.py's SpanController, so the engine
-can host it). Classifier-free guidance runs the prompt and a null prompt as two rows and mixes
-their logits before the grammar masks them.
+advances, with no host reads (the shape of the SpanController in generation/processors.py, so the engine
+hosts it in a request's processors). Classifier-free guidance runs the prompt and a null prompt as
+the request and its unconditional twin; the engine mixes their logits before the grammar masks them.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .sampling import sample
-from .spans import guide
+from .config import GenerationConfig
+from .engine import PAGE_SIZE, Engine
 
 VISUAL = -1  # table entry: any visual token
 
@@ -51,65 +53,35 @@ class Emu3ImageGrammar:
         return bpe2img[grid[..., :-1]]
 
 
-@torch.inference_mode()
-def generate_grammar(
-    model,
-    prompt_ids,
-    grammar,
-    null_ids=None,
-    guidance_scale=None,
-    temperature=1.0,
-    top_k=None,
-    top_p=None,
-    seed=None,
-):
-    """Sample len(grammar) tokens after prompt_ids (list of ints) under the grammar; -> (len,) ids.
-
-    With guidance_scale, null_ids (the unconditional prompt) runs as a second row and logits are mixed
-    as uncond + scale * (cond - uncond). A small loop over model.language_model with its static cache.
-    """
-    lm = model.language_model
-    device = model.device
-    rows = [list(prompt_ids)] + ([list(null_ids)] if guidance_scale is not None else [])
-    T = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device)  # left-padded (R, T)
-    L = T + len(grammar)
-    key_valid = torch.ones(len(rows), L, dtype=torch.bool, device=device)
-    for i, r in enumerate(rows):
-        key_valid[i, : T - len(r)] = False
-    positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)  # (R, L)
-    cache = lm.make_cache(len(rows), L)
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    logits = lm(
-        ids,
-        None,
-        key_valid[:, :T],
-        positions[:, :T],
-        cache,
-        torch.arange(T, device=device),
-        T,
-        slice(-1, None),
-    )[:, -1]  # (R, V)
-    out = []
-    for j in range(len(grammar)):
-        mixed = logits[:1] if guidance_scale is None else guide(logits[:1], logits[1:], guidance_scale)
-        token = sample(grammar.process(mixed), temperature, top_k, top_p, None, generator)  # (1,)
-        grammar.update(token)
-        out.append(int(token))
-        if j == len(grammar) - 1:
-            break
-        slot = T + j
-        step = token.expand(len(rows))[:, None]  # every row continues with the guided token
-        logits = lm(
-            step,
-            None,
-            key_valid[:, : slot + 1],
-            positions[:, slot : slot + 1],
-            cache,
-            torch.tensor([slot], device=device),
-            slot + 1,
-        )[:, -1]
-    return torch.tensor(out)
+def generate_grammar(model, prompt_ids, grammar, null_ids=None, guidance_scale=None, temperature=1.0, top_k=None,
+                     top_p=None, seed=None, engine=None):  # fmt: skip
+    """Sample len(grammar) tokens after prompt_ids (list of ints) under the grammar, through the engine;
+    -> (len,) ids. With guidance_scale, null_ids (the unconditional prompt) is the request's uncond twin
+    and every token is sampled from uncond + scale * (cond - uncond), then masked by the grammar."""
+    own = engine is None
+    if own:
+        engine = Engine(
+            model,
+            max_batch=1,
+            max_queue=1,
+            num_pages=2 * math.ceil((len(prompt_ids) + len(grammar)) / PAGE_SIZE) + 2,
+        )
+    config = GenerationConfig(
+        max_new_tokens=len(grammar), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        eos_token_id=[grammar.sequence[-1]], guidance_scale=guidance_scale,
+    )  # fmt: skip
+    uncond = list(null_ids) if guidance_scale is not None else None
+    req = engine.submit(list(prompt_ids), config, uncond_ids=uncond)
+    req.processors.insert(0, grammar)  # before admission: the engine hosts it like its own processors
+    if own:
+        while engine.has_work():
+            engine.step()
+    else:
+        for _ in req.events():
+            pass
+    if req.error is not None:
+        raise req.error
+    return torch.tensor(req.output)
 
 
 def generate_image(
