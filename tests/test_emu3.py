@@ -211,3 +211,18 @@ def test_processor_image_over_the_area_is_refused(tiny, tmp_path):
     ref = transformers.Emu3ImageProcessor()(Image.open(small), return_tensors="pt")
     assert batch["pixel_values"].shape == ref["pixel_values"].shape
     assert (batch["pixel_values"] - ref["pixel_values"]).abs().max() < 1e-5
+
+
+def test_lora_step_trains(tiny):
+    from lora_step import lora_steps_lower_the_loss
+
+    _, path = tiny
+    ids = image_prompt(4, 4, seed=2)
+    labels = ids.masked_fill(ids == IMAGE, -100)
+    model = omnilm.load(path)
+    codes = model.vqmodel.encode(torch.rand(1, 3, 8, 8) * 2 - 1)
+    lora_steps_lower_the_loss(
+        model, input_ids=ids, pixel_values=torch.rand(1, 3, 8, 8) * 2 - 1, labels=labels
+    )
+    assert model.vqmodel.training is False  # the tokenizer stays frozen under model.train()
+    assert codes.shape == (1, 4, 4)

@@ -131,3 +131,11 @@ def test_sliding_window_batch_equals_rows_alone(tmp_path):
     for row, prompt in enumerate(prompts):
         (alone,) = run([prompt])
         assert max(abs(x - y) for x, y in zip(both[row], alone)) < 1e-4
+
+
+def test_lora_step_trains(tmp_path):
+    from lora_step import lora_steps_lower_the_loss
+
+    _, path = tiny_qwen2(tmp_path, sliding=True)
+    ids = torch.randint(3, 320, (2, 24))
+    lora_steps_lower_the_loss(omnilm.load(path), input_ids=ids, labels=ids)

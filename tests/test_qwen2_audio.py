@@ -202,3 +202,19 @@ def test_cli_generates_from_an_audio_file(tiny, tmp_path):
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_lora_step_trains(tiny):
+    from lora_step import lora_steps_lower_the_loss
+
+    _, path, _, _ = tiny
+    proc = omnilm.load_processor(path)
+    batch = proc(text="<|audio_bos|><|AUDIO|><|audio_eos|>generate the caption", audio=[speechlike(2.0)])
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == proc.audio_token_id, -100)
+    lora_steps_lower_the_loss(
+        omnilm.load(path),
+        input_ids=batch["input_ids"],
+        input_features=batch["input_features"],
+        feature_attention_mask=batch["feature_attention_mask"],
+        labels=labels,
+    )

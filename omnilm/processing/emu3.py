@@ -48,6 +48,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 class Emu3Processor:
     prompt_format = "plain"  # Pipeline reads this
+
     def __init__(
         self,
         tokenizer: TextTokenizer,

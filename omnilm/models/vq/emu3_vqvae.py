@@ -355,6 +355,10 @@ class Emu3VQVAE(nn.Module):
         self.quant_conv = Conv3d(cfg.latent_channels, cfg.embed_dim, (3, 1, 1), (1, 1, 1))
         self.post_quant_conv = Conv3d(cfg.embed_dim, cfg.latent_channels, (3, 1, 1), (1, 1, 1))
 
+    def train(self, mode: bool = True):
+        """Always eval: the tokenizer is frozen, and BatchNorm3d in training mode would change the codes."""
+        return super().train(False)
+
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1], H and W multiples of the spatial factor -> codes (B, H / f, W / f)."""
