@@ -85,7 +85,12 @@ def tiny(tmp_path_factory):
             elif "running_var" in name:
                 b.copy_(1.0 + 0.2 * torch.rand_like(b))
     ref.save_pretrained(path)
+    image_processor().save_pretrained(path)
     return ref, path
+
+
+def image_processor():
+    return transformers.Emu3ImageProcessor(min_pixels=64, max_pixels=256)  # 16 x 16 px: 8 x 8 codes
 
 
 def image_prompt(h, w, seed=0):
@@ -174,55 +179,59 @@ def test_text_to_image_follows_the_grammar(tiny):
 
 def test_cli_writes_a_png_of_the_requested_size(tiny, tmp_path):
     _, path = tiny
-    outs = []
-    for name in ("a.png", "b.png"):
-        cmd = [sys.executable, "-m", "omnilm", "generate", "--model", str(path), "--prompt", "a cat"]
-        cmd += [
-            "--output-image",
-            str(tmp_path / name),
-            "--image-size",
-            "12x8",
-            "--seed",
-            "7",
-            "--guidance-scale",
-            "2",
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        outs.append(Image.open(tmp_path / name))
-    assert outs[0].size == (12, 8)
-    assert outs[0].tobytes() == outs[1].tobytes()  # same seed, same image
     cmd = [sys.executable, "-m", "omnilm", "generate", "--model", str(path), "--prompt", "a cat"]
-    cmd += ["--output-image", str(tmp_path / "c.png"), "--image-size", "4096x4096"]
+    cmd += [
+        "--output-image",
+        str(tmp_path / "a.png"),
+        "--image-size",
+        "12x8",
+        "--seed",
+        "7",
+        "--guidance-scale",
+        "2",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    png = Image.open(tmp_path / "a.png")
+    assert png.size == (12, 8)
+    model, proc = omnilm.load(path), omnilm.load_processor(path)
+    same, _, _ = generate_image(model, proc, "a cat", 8, 12, guidance_scale=2.0, temperature=1.0, seed=7)
+    assert png.tobytes() == same.tobytes()  # same seed, same image
+    other, _, _ = generate_image(model, proc, "a cat", 8, 12, guidance_scale=2.0, temperature=1.0, seed=8)
+    assert other.tobytes() != same.tobytes()
+    cmd[cmd.index("12x8")] = "4096x4096"
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "over the configured area" in out.stderr
 
 
-def test_processor_image_over_the_area_is_refused(tiny, tmp_path):
+def test_processor_equals_transformers_and_refuses_images_over_the_area(tiny, tmp_path):
     _, path = tiny
     proc = omnilm.load_processor(path)
     big = tmp_path / "big.png"
-    Image.new("RGB", (2100, 2100)).save(big)
-    with pytest.raises(omnilm.errors.MediaError, match="pixels"):
+    Image.new("RGB", (40, 40)).save(big)  # 1600 pixels: over 4 x max_pixels
+    with pytest.raises(omnilm.errors.MediaError, match="1600 pixels exceeds the limit of 1024"):
         proc(text="<image>what is this", images=[str(big)])
     small = tmp_path / "small.png"
-    Image.fromarray((torch.rand(40, 56, 3) * 255).byte().numpy()).save(small)
+    Image.fromarray((torch.rand(20, 28, 3) * 255).byte().numpy()).save(small)
     batch = proc(text="<image>what is this", images=[str(small)])
-    ref = transformers.Emu3ImageProcessor()(Image.open(small), return_tensors="pt")
+    ref = image_processor()(Image.open(small), return_tensors="pt")
     assert batch["pixel_values"].shape == ref["pixel_values"].shape
     assert (batch["pixel_values"] - ref["pixel_values"]).abs().max() < 1e-5
+    assert batch["image_sizes"].tolist() == ref["image_sizes"].tolist()
 
 
-def test_lora_step_trains(tiny):
-    from lora_step import lora_steps_lower_the_loss
-
+def test_pipeline_answers_about_an_image(tiny, tmp_path):
     _, path = tiny
-    ids = image_prompt(4, 4, seed=2)
-    labels = ids.masked_fill(ids == IMAGE, -100)
-    model = omnilm.load(path)
-    codes = model.vqmodel.encode(torch.rand(1, 3, 8, 8) * 2 - 1)
-    lora_steps_lower_the_loss(
-        model, input_ids=ids, pixel_values=torch.rand(1, 3, 8, 8) * 2 - 1, labels=labels
-    )
-    assert model.vqmodel.training is False  # the tokenizer stays frozen under model.train()
-    assert codes.shape == (1, 4, 4)
+    small = tmp_path / "small.png"
+    Image.fromarray((torch.rand(20, 28, 3) * 255).byte().numpy()).save(small)
+    pipe = omnilm.Pipeline.from_pretrained(path)
+    try:
+        out = pipe("<image>what is this", images=[str(small)], max_new_tokens=6, eos_token_id=[])
+    finally:
+        pipe.close()
+    batch = pipe.processor(text="<image>what is this", images=[str(small)])
+    want = pipe.model.generate(
+        batch["input_ids"], pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"],
+        max_new_tokens=6, eos_token_id=[],
+    )  # fmt: skip
+    assert out.token_ids == want[0, batch["input_ids"].shape[1] :].tolist()
