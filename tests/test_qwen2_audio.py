@@ -218,3 +218,28 @@ def test_lora_step_trains(tiny):
         feature_attention_mask=batch["feature_attention_mask"],
         labels=labels,
     )
+
+
+def test_chat_messages_render_like_transformers(tiny):
+    _, path, hf_proc, _ = tiny
+    clips = [speechlike(1.5), speechlike(2.2, seed=4)]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "audio", "audio_url": "a.wav"}, {"type": "text", "text": "what is it?"}],
+        },
+        {"role": "assistant", "content": "a dog barks twice"},
+        {
+            "role": "user",
+            "content": [{"type": "audio", "audio_url": "b.wav"}, {"type": "text", "text": "and this?"}],
+        },
+    ]
+    proc = omnilm.load_processor(path)
+    text, sources = proc.render_messages(messages)
+    assert text == hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert sources == ["a.wav", "b.wav"]
+    for m in messages:  # sources given by the caller instead
+        for part in m["content"] if isinstance(m["content"], list) else []:
+            part.pop("audio_url", None)
+    got = proc(messages=messages, audio=clips)
+    assert torch.equal(got["input_ids"], hf_inputs(hf_proc, text, clips)["input_ids"])

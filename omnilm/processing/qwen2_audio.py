@@ -70,14 +70,56 @@ class Qwen2AudioProcessor:
         counts = [audio_token_count(int(m.sum())) for m in mask]
         return {"input_features": features, "feature_attention_mask": mask, "num_audio_tokens": counts}
 
+    def render_messages(self, messages, add_generation_prompt: bool = True) -> tuple[str, list]:
+        """Chat messages -> (prompt text, audio sources in order) by Qwen2-Audio's chat template (ChatML, a
+        default system turn, each audio part as "Audio k: <|audio_bos|><|AUDIO|><|audio_eos|>\\n")."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise MediaError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        text, sources = "", []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise MediaError(f"messages[{i}] must be a dict with 'role' and 'content'")
+            if i == 0 and m["role"] != "system":
+                text += "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            text += f"<|im_start|>{m['role']}\n"
+            content = m["content"]
+            if isinstance(content, str):
+                text += content
+            else:
+                for part in content:
+                    if part.get("type") == "audio" or "audio" in part or "audio_url" in part:
+                        sources.append(part.get("audio", part.get("audio_url")))
+                        text += f"Audio {len(sources)}: {AUDIO_BOS}{self.audio_token}{AUDIO_EOS}\n"
+                    elif "text" in part:
+                        text += part["text"]
+            text += "<|im_end|>\n"
+        if add_generation_prompt:
+            text += "<|im_start|>assistant\n"
+        return text, sources
+
     def __call__(
-        self, text=None, audio=None, sampling_rate: int | None = None, images=None, files=None
+        self,
+        text=None,
+        audio=None,
+        sampling_rate: int | None = None,
+        images=None,
+        files=None,
+        messages=None,
+        add_generation_prompt: bool | None = None,
     ) -> dict:
         """text: a string or a list of strings (left-padded batch); audio: clips in `<|AUDIO|>` order.
         -> input_ids, attention_mask, input_features, feature_attention_mask (None where absent)."""
         if images or files:
             raise MediaError("Qwen2-Audio reads audio and text only; images and files are not supported")
         audio = [] if audio is None else list(audio) if isinstance(audio, (list, tuple)) else [audio]
+        if messages is not None:  # audio parts without a source take the next clip of `audio`
+            text, sources = self.render_messages(messages, add_generation_prompt is not False)
+            given = iter(audio)
+            audio = [src if src is not None else next(given, None) for src in sources]
+            if any(a is None for a in audio) or next(given, None) is not None:
+                raise MediaError(
+                    f"the messages have {len(sources)} audio part(s) but the clips do not match them"
+                )
         texts = [] if text is None else [text] if isinstance(text, str) else list(text)
         n_markers = sum(t.count(self.audio_token) for t in texts)
         if texts and n_markers != len(audio):
