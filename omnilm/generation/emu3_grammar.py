@@ -54,31 +54,22 @@ class Emu3ImageGrammar:
 
 
 def generate_grammar(model, prompt_ids, grammar, null_ids=None, guidance_scale=None, temperature=1.0, top_k=None,
-                     top_p=None, seed=None, engine=None):  # fmt: skip
-    """Sample len(grammar) tokens after prompt_ids (list of ints) under the grammar, through the engine;
-    -> (len,) ids. With guidance_scale, null_ids (the unconditional prompt) is the request's uncond twin
-    and every token is sampled from uncond + scale * (cond - uncond), then masked by the grammar."""
-    own = engine is None
-    if own:
-        engine = Engine(
-            model,
-            max_batch=1,
-            max_queue=1,
-            num_pages=2 * math.ceil((len(prompt_ids) + len(grammar)) / PAGE_SIZE) + 2,
-        )
+                     top_p=None, seed=None):  # fmt: skip
+    """Sample len(grammar) tokens after prompt_ids (list of ints) under the grammar, through an engine
+    of its own (stepped here, so the grammar joins the request's processors before admission);
+    -> (len,) ids. With guidance_scale, null_ids (the unconditional prompt) is the request's uncond
+    twin and every token is sampled from uncond + scale * (cond - uncond), then masked by the grammar."""
+    pages = 2 * math.ceil((len(prompt_ids) + len(grammar)) / PAGE_SIZE) + 2
+    engine = Engine(model, max_batch=1, max_queue=1, num_pages=pages)
     config = GenerationConfig(
         max_new_tokens=len(grammar), temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         eos_token_id=[grammar.sequence[-1]], guidance_scale=guidance_scale,
     )  # fmt: skip
     uncond = list(null_ids) if guidance_scale is not None else None
     req = engine.submit(list(prompt_ids), config, uncond_ids=uncond)
-    req.processors.insert(0, grammar)  # before admission: the engine hosts it like its own processors
-    if own:
-        while engine.has_work():
-            engine.step()
-    else:
-        for _ in req.events():
-            pass
+    req.processors.insert(0, grammar)
+    while engine.has_work():
+        engine.step()
     if req.error is not None:
         raise req.error
     return torch.tensor(req.output)
