@@ -48,7 +48,7 @@ class Emu3ImageGrammar:
 
     def codes(self, ids, bpe2img: torch.Tensor) -> torch.Tensor:
         """The generated grammar span (B, len) -> VQ codes (B, h, w): rows without their end-of-line."""
-        start = sum(1 for t in self.sequence[: self.sequence.index(VISUAL)])
+        start = self.sequence.index(VISUAL)  # the header length
         grid = ids[:, start : start + self.height * (self.width + 1)].reshape(-1, self.height, self.width + 1)
         return bpe2img[grid[..., :-1]]
 
