@@ -102,12 +102,11 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, **engine_settings) -> Pipeline:
         """The processor now; the model when first needed. path: a model directory or 'demo'."""
-        import omnilm
-
+        from .api import load_processor, resolve
         from .convert.hf import checkpoint_dir
 
-        model_dir = checkpoint_dir(omnilm._resolve(path))
-        processor = omnilm.load_processor(model_dir)
+        model_dir = checkpoint_dir(resolve(path))
+        processor = load_processor(model_dir)
         return cls(processor, None, default_generation_config(model_dir, processor), model_dir, device, dtype,
                    **engine_settings)  # fmt: skip
 
@@ -117,9 +116,9 @@ class Pipeline:
     def model(self):
         with self._lock:
             if self._model is None:
-                import omnilm
+                from .api import load
 
-                self._model = omnilm.load(self.model_dir, device=self._device, dtype=self._dtype)
+                self._model = load(self.model_dir, device=self._device, dtype=self._dtype)
         return self._model
 
     @property

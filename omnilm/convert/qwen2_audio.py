@@ -115,7 +115,7 @@ def state_from_hf(state: dict) -> dict:
 
 
 def load_qwen2_audio(path, hf_config: dict, device=None, dtype=None):
-    from ..models.audio.qwen2_audio import Qwen2AudioModel
+    from ..models.qwen2_audio import Qwen2AudioModel
 
     cfg = model_config_from_hf(hf_config, str(path))
     with init_empty_weights():

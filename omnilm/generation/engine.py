@@ -40,6 +40,7 @@ from .sampling import sample
 
 PAGE_SIZE = 16
 PREFILL_CHUNK = 512  # prompt tokens prefilled per engine step: long prompts do not stall decoding
+BATCHED_MEDIA = {"pixel_values", "input_features"}  # encoded for several requests in one batch
 
 
 @dataclass
@@ -241,10 +242,19 @@ class Engine:
                     break  # first come, first served: later requests wait too
                 self._admit(self.waiting.popleft())
         budget = self.prefill_chunk
-        for req in list(self.prefilling):
+        whole = []  # fresh prompts that fit this step whole: prefilled together, by length
+        for req in self.prefilling:
+            n = sum(len(seq.ids) for seq in req.seqs)
+            if n > budget or any(seq.cached for seq in req.seqs) or set(req.media) - BATCHED_MEDIA:
+                break
+            whole.append(req)
+            budget -= n
+        self._prefill_whole(whole)
+        for req in list(self.prefilling):  # then long prompts, a chunk at a time
             if budget <= 0:
                 break
-            budget -= self._prefill(req, budget)
+            if req not in whole:
+                budget -= self._prefill(req, budget)
         if self.running:
             self._decode()
 
@@ -327,12 +337,66 @@ class Engine:
             self._finish(req, Event(None, finish_reason="error", error=e))
             return done
         if all(seq.cached >= len(seq.ids) for seq in req.seqs):
-            self.prefilling.remove(req)
-            self.running.append(req)
-            self._sample(req, [seq.last_logits for seq in req.seqs])
-            for seq in req.seqs:
-                del seq.last_logits
+            self._start(req)
         return done
+
+    def _prefill_whole(self, reqs: list[Request]):
+        """Prefill whole fresh prompts, one forward per prompt length: rows of equal length need no
+        padding, so each row computes exactly what it computes alone. The media of a group are
+        encoded in one batch too (scattered in row order). A group whose forward fails (a request
+        with bad media) is redone one request at a time, so the bad one fails alone."""
+        groups: dict[int, list] = {}
+        for req in reqs:
+            for i, seq in enumerate(req.seqs):
+                groups.setdefault(len(seq.ids), []).append((req, i, seq))
+        failed = set()
+        for T, rows in groups.items():
+            try:
+                self._forward_prefill_group(T, rows)
+            except OmniLMError:
+                failed.update(req for req, _, _ in rows)
+        for req in reqs:
+            if req in failed:
+                for seq in req.seqs:
+                    seq.cached, seq.embeds = 0, None
+                self._prefill(req, sum(len(seq.ids) for seq in req.seqs))
+            elif req in self.prefilling:
+                self._start(req)
+
+    def _forward_prefill_group(self, T: int, rows):
+        dev = self.device
+        ids = torch.tensor([seq.ids for _, _, seq in rows], device=dev)  # (B, T)
+        media = {}
+        for key in BATCHED_MEDIA:
+            parts = [req.media[key] for req, i, _ in rows if i == 0 and key in req.media]
+            if parts:
+                media[key] = torch.cat(parts)
+        embeds = self.model.embed(ids, **media)  # (B, T, D)
+        write = torch.tensor([t for _, _, seq in rows for t in self.kv.slots(seq.pages, 0, T)], device=dev)
+        only = "image" if all(req.only == "image" for req, _, _ in rows) else None
+        out = self.model(
+            inputs_embeds=embeds,
+            position_ids=torch.arange(T, device=dev)[None].expand(len(rows), -1),
+            cache=self.kv.view(write, write.view(len(rows), T)),
+            cache_position=torch.arange(T, device=dev),
+            kv_len=T,
+            logits_slice=slice(-1, None),
+            **({"logits_modality": only} if only else {}),
+        )
+        disc = self.model.config.discrete
+        for b, (req, _, seq) in enumerate(rows):
+            logits = out.logits[b : b + 1, -1]  # (1, V)
+            if req.only == "image" and only is None:
+                logits = logits[:, disc.image_offset : disc.audio_offset]
+            seq.cached, seq.last_logits = T, logits
+
+    def _start(self, req: Request):
+        """Every sequence of req is prefilled: sample its first token and let it decode."""
+        self.prefilling.remove(req)
+        self.running.append(req)
+        self._sample(req, [seq.last_logits for seq in req.seqs])
+        for seq in req.seqs:
+            del seq.last_logits
 
     def _decode(self):
         """One batched forward: every running sequence feeds its last token."""

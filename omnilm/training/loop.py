@@ -38,17 +38,17 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 
 def build_model(cfg: TrainConfig, device):
     """A preset with fresh weights (seeded), or a model directory; fp32 master weights, train mode."""
-    import omnilm
+    from .. import api
 
     if cfg.model in PRESETS:
-        model = omnilm.build(cfg.model, seed=cfg.seed)
+        model = api.build(cfg.model, seed=cfg.seed)
     else:
         path = cfg.resolve(cfg.model)
         if not path.is_dir():
             raise ConfigError(
                 f"model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor a directory"
             )
-        model = omnilm.load(path, dtype=torch.float32)
+        model = api.load(path, dtype=torch.float32)
     return model.to(device=device, dtype=torch.float32).train()
 
 
