@@ -139,3 +139,28 @@ def test_lora_step_trains(tmp_path):
     _, path = tiny_qwen2(tmp_path, sliding=True)
     ids = torch.randint(3, 320, (2, 24))
     lora_steps_lower_the_loss(omnilm.load(path), input_ids=ids, labels=ids)
+
+
+def test_sparse_configs_take_transformers_defaults():
+    # Hub configs (Qwen2-Audio's text_config, Emu3's) list only what differs from the config class
+    from omnilm.convert.emu3 import emu3_config_from_hf
+    from omnilm.convert.qwen2 import qwen2_decoder_config_from_hf
+
+    d = qwen2_decoder_config_from_hf(
+        {"model_type": "qwen2", "vocab_size": 156032, "intermediate_size": 11008}
+    )
+    ref = transformers.Qwen2Config(vocab_size=156032, intermediate_size=11008)
+    assert (d.vocab_size, d.hidden_size, d.num_layers, d.num_heads, d.num_kv_heads) == (
+        156032, ref.hidden_size, ref.num_hidden_layers, ref.num_attention_heads, ref.num_key_value_heads
+    )  # fmt: skip
+    assert (d.norm_eps, d.rope_theta, d.max_seq_len) == (
+        ref.rms_norm_eps,
+        10000.0,
+        ref.max_position_embeddings,
+    )
+    cfg, vq, _ = emu3_config_from_hf({"text_config": {}, "vq_config": {}, "vocabulary_map": {}})
+    ref = transformers.Emu3TextConfig()
+    assert (cfg.decoder.vocab_size, cfg.decoder.num_kv_heads, cfg.decoder.rope_theta) == (
+        ref.vocab_size, ref.num_key_value_heads, ref.rope_parameters["rope_theta"]
+    )  # fmt: skip
+    assert vq.codebook_size == transformers.Emu3VQVAEConfig().codebook_size

@@ -33,6 +33,22 @@ _PREFIXES = (
 )
 
 
+# transformers' Emu3TextConfig defaults, for keys a config leaves out
+EMU3_TEXT_DEFAULTS = dict(
+    vocab_size=184622,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=9216,
+    rms_norm_eps=1e-5,
+    pad_token_id=151643,
+    bos_token_id=151849,
+    eos_token_id=151850,
+)
+
+
 def vq_config_from_hf(d: dict) -> Emu3VQConfig:
     names = {f.name for f in dataclasses.fields(Emu3VQConfig)}
     try:
@@ -45,7 +61,7 @@ def emu3_config_from_hf(d: dict, source: str = ""):
     for key in ("vq_config", "text_config", "vocabulary_map"):
         if not isinstance(d.get(key), dict):
             raise CheckpointError(f"config.json: emu3 needs a {key} object")
-    text = {"rms_norm_eps": 1e-5, "max_position_embeddings": 9216, **d["text_config"]}
+    text = {**EMU3_TEXT_DEFAULTS, **d["text_config"]}
     text.setdefault("rope_theta", (text.get("rope_parameters") or {}).get("rope_theta", 1000000.0))
     text.setdefault("tie_word_embeddings", d.get("tie_word_embeddings", False))
     cfg = ModelConfig(decoder=decoder_config_from_hf(text), source=source)

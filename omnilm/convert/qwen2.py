@@ -43,10 +43,22 @@ def qwen2_layer_types(d: dict) -> tuple[int | None, list[str] | None]:
     return window, list(types)
 
 
+# transformers' Qwen2Config defaults, for keys a config leaves out (Qwen2-Audio's text_config on the Hub
+# lists only what differs from them)
+QWEN2_DEFAULTS = dict(
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=22016,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=32768,
+)
+
+
 def qwen2_decoder_config_from_hf(d: dict) -> DecoderConfig:
-    d = dict(d)
-    d.setdefault("rms_norm_eps", 1e-6)
-    d.setdefault("max_position_embeddings", 32768)
+    d = {**QWEN2_DEFAULTS, **d}
+    d.setdefault("num_key_value_heads", d["num_attention_heads"])
     d.setdefault("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 10000.0))
     base = decoder_config_from_hf(d)
     window, types = qwen2_layer_types(d)
