@@ -108,7 +108,28 @@ def load_processor(path):
     """The processor of a model directory: text tokenizer plus image/audio preprocessing."""
     from .processing.multimodal import load_processor as _load_processor
 
-    return _load_processor(resolve(path))
+    path = resolve(path)
+    model_type = _model_type(path)
+    if model_type == "qwen2_audio":  # families whose prompts follow their own rules
+        from .processing.qwen2_audio import Qwen2AudioProcessor
+
+        return Qwen2AudioProcessor.from_pretrained(path)
+    if model_type == "emu3":
+        from .processing.emu3 import Emu3Processor
+
+        return Emu3Processor.from_pretrained(path)
+    return _load_processor(path)
+
+
+def _model_type(path) -> str | None:
+    """config.json's model_type, or None (unreadable configs are reported by the loader that needs them)."""
+    import json
+
+    f = Path(path) / "config.json"
+    try:
+        return json.loads(f.read_text()).get("model_type") if f.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
 
 
 def load_codec(path):

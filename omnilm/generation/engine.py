@@ -180,7 +180,7 @@ class Engine:
             raise OmniLMError(
                 f"prompt token ids must be in [0, {vocab}); got {min(prompt_ids)}..{max(prompt_ids)}"
             )
-        if config.guided and disc is None:
+        if config.guided and disc is None and uncond_ids is None:
             raise OmniLMError(
                 "guidance_scale: this model does not generate images (it has no discrete config)"
             )
@@ -293,6 +293,8 @@ class Engine:
             if cfg.guided:
                 uncond = req.uncond_ids or null_prompt(disc, ids, dec.bos_token_id)[0]
                 req.seqs.append(Sequence(list(uncond) or [req.prompt_ids[-1]]))
+        elif cfg.guided:  # a family's own grammar (Emu3) guides every token against the given uncond prompt
+            req.seqs.append(Sequence(list(req.uncond_ids)))
         total = math.ceil(min(T + req.max_new, self.ctx) / self.page_size)
         for seq in req.seqs:
             if self.prefix_caching and not req.media and len(req.seqs) == 1:
@@ -471,6 +473,8 @@ class Engine:
             if cfg.guided:
                 guided = guide(logits, rows[1].float(), cfg.guidance_scale)
                 logits = guided if req.only else torch.where(req.spans.in_image[:, None], guided, logits)
+        elif cfg.guided:
+            logits = guide(logits.float(), rows[1].float(), cfg.guidance_scale)
         raw = logits
         offset = 0
         if req.only:
