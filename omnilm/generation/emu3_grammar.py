@@ -56,7 +56,7 @@ class Emu3ImageGrammar:
 def generate_grammar(model, prompt_ids, grammar, null_ids=None, guidance_scale=None, temperature=1.0, top_k=None,
                      top_p=None, seed=None):  # fmt: skip
     """Sample len(grammar) tokens after prompt_ids (list of ints) under the grammar, through an engine
-    of its own (stepped here, so the grammar joins the request's processors before admission);
+    of its own, with the grammar as the request's first logits processor;
     -> (len,) ids. With guidance_scale, null_ids (the unconditional prompt) is the request's uncond
     twin and every token is sampled from uncond + scale * (cond - uncond), then masked by the grammar."""
     pages = 2 * math.ceil((len(prompt_ids) + len(grammar)) / PAGE_SIZE) + 2
@@ -66,8 +66,7 @@ def generate_grammar(model, prompt_ids, grammar, null_ids=None, guidance_scale=N
         eos_token_id=[grammar.sequence[-1]], guidance_scale=guidance_scale,
     )  # fmt: skip
     uncond = list(null_ids) if guidance_scale is not None else None
-    req = engine.submit(list(prompt_ids), config, uncond_ids=uncond)
-    req.processors.insert(0, grammar)
+    req = engine.submit(list(prompt_ids), config, uncond_ids=uncond, processors=[grammar])
     while engine.has_work():
         engine.step()
     if req.error is not None:

@@ -68,7 +68,7 @@ class Sequence:
 class Request:
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids, config: GenerationConfig, media, on_event, uncond_ids=None):
+    def __init__(self, prompt_ids, config: GenerationConfig, media, on_event, uncond_ids=None, processors=()):
         self.id = next(Request._ids)
         self.config = config
         self.prompt_ids = list(prompt_ids)
@@ -86,7 +86,7 @@ class Request:
         self.max_new = 0
         self.eos: set[int] = set()
         self.generator = None
-        self.processors: list = []
+        self.processors: list = list(processors)  # a family's own rules (Emu3's image grammar) come first
         self.spans: SpanController | None = None
         self.only: str | None = None  # "image": the whole output is one image span (image head only)
 
@@ -160,7 +160,7 @@ class Engine:
     # ---- the caller's side -------------------------------------------------------------------------
 
     def submit(self, prompt_ids, config: GenerationConfig | None = None, media=None, on_event=None,
-               uncond_ids=None) -> Request:  # fmt: skip
+               uncond_ids=None, processors=()) -> Request:  # fmt: skip
         """Queue a request. Raises at once: ContextLengthError (prompt over the context, or more pages
         than the pool has), QueueFullError (the waiting queue is full)."""
         config = config or GenerationConfig()
@@ -184,7 +184,7 @@ class Engine:
             raise OmniLMError(
                 "guidance_scale: this model does not generate images (it has no discrete config)"
             )
-        req = Request(prompt_ids, config, media, on_event, uncond_ids)
+        req = Request(prompt_ids, config, media, on_event, uncond_ids, processors)
         need = self._pages_needed(req)
         if need > self.pool.num_pages:
             raise ContextLengthError(
