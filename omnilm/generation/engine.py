@@ -227,7 +227,19 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a fault in the step itself (out of memory, a bug): every request
+                # in flight ends with the error instead of waiting forever; the engine goes on
+                self.fail_all(e)
+
+    def fail_all(self, error: Exception):
+        with self._lock:
+            queued, self.waiting = list(self.waiting), deque()
+        for req in [*self.prefilling, *self.running]:
+            self._finish(req, Event(None, finish_reason="error", error=error))
+        for req in queued:
+            req._emit(Event(None, finish_reason="error", error=error))
 
     # ---- one step ------------------------------------------------------------------------------------
 
