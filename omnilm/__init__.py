@@ -16,8 +16,14 @@ BUNDLED_MODELS = {"demo": _ASSETS / "demo"}
 
 
 def _resolve(path) -> Path:
+    """A bundled name, a local directory, or a Hugging Face hub id (`owner/name[@revision]`, resolved
+    through the hub cache; see omnilm.convert.hub)."""
     if isinstance(path, str) and path in BUNDLED_MODELS:
         return BUNDLED_MODELS[path]
+    from .convert.hub import is_hub_id, resolve
+
+    if is_hub_id(path):
+        return resolve(path)
     return Path(path)
 
 
@@ -87,11 +93,55 @@ def load_encoder(path, device=None, dtype=None):
     )
 
 
-def load_processor(path):
-    """The processor of a model directory: text tokenizer plus image/audio preprocessing."""
+def load_processor(path, tokenizer=None):
+    """The processor of a model directory: text tokenizer plus image/audio preprocessing.
+
+    A directory without tokenizer.json is an error naming what is missing (a default tokenizer would
+    give a real model garbage) unless `tokenizer` is given: a directory (or hub id) holding one, or a
+    TextTokenizer. Encoder directories (SigLIP/CLIP, Whisper/wav2vec2) need none: their processor
+    reads images or audio, and its text side is the bundled default."""
+    from .convert.files import has_tokenizer, require_tokenizer
+    from .processing.multimodal import PROCESSOR_CONFIG, Processor, _model_config, _read_json
     from .processing.multimodal import load_processor as _load_processor
 
-    return _load_processor(_resolve(path))
+    path = _resolve(path)
+    processor = _load_processor(path)  # configs are read (and refused) first
+    if tokenizer is None:
+        if not has_tokenizer(path) and not _is_encoder_dir(path):
+            require_tokenizer(path)
+        return processor
+    from .tokenizers.text import TextTokenizer
+
+    if not isinstance(tokenizer, TextTokenizer):
+        tok_dir = _resolve(tokenizer)
+        require_tokenizer(tok_dir, what="tokenizer directory")
+        tokenizer = TextTokenizer.from_dir(tok_dir)
+    # placeholder ids the directory names win; else they are the given tokenizer's (not the default's)
+    meta = _read_json(path / PROCESSOR_CONFIG) or {}
+    _, _, image_token_id, audio_token_id = _model_config(path)
+    return Processor(
+        tokenizer,
+        image_processor=processor.image_processor,
+        audio_processor=processor.audio_processor,
+        tokens_per_image=processor.tokens_per_image,
+        tokens_per_audio_window=processor.tokens_per_audio_window,
+        image_token_id=meta.get("image_token_id", image_token_id),
+        audio_token_id=meta.get("audio_token_id", audio_token_id),
+        prompt_format=processor.prompt_format,
+    )
+
+
+def _is_encoder_dir(path) -> bool:
+    import json
+
+    f = Path(path) / "config.json"
+    if (Path(path) / "omnilm_config.json").is_file() or not f.is_file():
+        return False
+    try:
+        model_type = json.loads(f.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return False
+    return model_type in ("siglip_vision_model", "clip_vision_model", "siglip", "clip", "whisper", "wav2vec2")
 
 
 def load_codec(path):
