@@ -79,8 +79,8 @@ def compose(text, vision=None, audio=None, out=None, seed: int = 0, tokenizer=No
     text_dir = checkpoint_dir(omnilm._resolve(text))
     tok_dir = checkpoint_dir(omnilm._resolve(tokenizer)) if tokenizer is not None else text_dir
     require_tokenizer(tok_dir, what="--tokenizer directory" if tokenizer is not None else "--text model")
-    vision = omnilm._resolve(vision) if vision is not None else None
-    audio = omnilm._resolve(audio) if audio is not None else None
+    vision = checkpoint_dir(omnilm._resolve(vision)) if vision is not None else None
+    audio = checkpoint_dir(omnilm._resolve(audio)) if audio is not None else None
     hf_text = read_config(text_dir)
     if hf_text.get("model_type") != "llama":
         raise CheckpointError(
@@ -151,7 +151,7 @@ def compose(text, vision=None, audio=None, out=None, seed: int = 0, tokenizer=No
             state.update({f"{name}.{k}": v for k, v in fresh.state_dict().items()})
     load_strict(model, state, source="composed model")
     retie(model)
-    model.hf_format = "llava" if audio is None else "omnilm"
+    model.hf_format = "omnilm" if audio is not None else "llava" if vision is not None else "llama"
     model.eval()
 
     if out is None:

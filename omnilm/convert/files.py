@@ -150,7 +150,9 @@ def convert_checkpoint(src, out, dtype=None, overwrite: bool = False, tokenizer=
     import omnilm
 
     check_out_dir(out, overwrite)
-    src_dir = omnilm._resolve(src)
+    from .hf import checkpoint_dir
+
+    src_dir = checkpoint_dir(omnilm._resolve(src))
     tok_dir = omnilm._resolve(tokenizer) if tokenizer is not None else None
     if tok_dir is not None:
         require_tokenizer(tok_dir, what="--tokenizer directory")

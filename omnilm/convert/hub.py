@@ -85,7 +85,26 @@ def resolve(name: str, revision: str | None = None) -> Path:
     except Exception as e:  # the hub's own errors: not found, gated, offline, no network, bad revision
         reason = _reason(e, is_offline)
         raise CheckpointError(f"{name}: no such local directory, and hub id {where} {reason}") from None
-    return Path(path)
+    path = Path(path)
+    if not is_offline and not any(path.glob("*.safetensors")):
+        _refuse_pickle_only(repo, revision, where)
+    return path
+
+
+def _refuse_pickle_only(repo: str, revision: str | None, where: str) -> None:
+    """The pickle weights were not downloaded; say so rather than 'no model.safetensors'."""
+    try:
+        from huggingface_hub import HfApi
+
+        files = HfApi().list_repo_files(repo, revision=revision)
+    except Exception:  # the listing is only for a better message
+        return
+    pickles = [f for f in files if f.endswith(tuple(p[1:] for p in SKIPPED[:6]))]
+    if pickles:
+        raise CheckpointError(
+            f"{where}: only pickle weights on the hub ({', '.join(pickles[:3])}); pickle checkpoints are "
+            "refused (they can run code): use a safetensors revision or convert it"
+        )
 
 
 def _reason(e: Exception, is_offline: bool) -> str:
