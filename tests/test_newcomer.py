@@ -20,8 +20,9 @@ from omnilm.convert import audio as audio_mod
 from omnilm.convert import codec as codec_mod
 from omnilm.convert import compose as compose_mod
 from omnilm.convert import files as files_mod
-from omnilm.convert import hf
+from omnilm.convert import formats, hf
 from omnilm.convert import vision as vision_mod
+from omnilm.convert.convert import convert_checkpoint
 from omnilm.errors import CheckpointError
 from omnilm.models.omni import OmniModel
 from omnilm.tokenizers.text import TextTokenizer
@@ -117,6 +118,8 @@ def no_model_load(monkeypatch):
         raise AssertionError("a model was loaded before the invocation was refused")
 
     monkeypatch.setattr(omnilm, "load", refuse)
+    monkeypatch.setattr(omnilm.api, "load", refuse)
+    monkeypatch.setattr(formats, "load", refuse)
     for module in (hf, compose_mod, audio_mod, codec_mod, vision_mod):  # each imported it by name
         monkeypatch.setattr(module, "read_state_dict", refuse)
 
@@ -297,7 +300,7 @@ def test_an_existing_local_path_wins_over_a_hub_id(hub_cache, tiny_dir, tmp_path
     (tmp_path / "org" / "tiny").symlink_to(tiny_dir)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
-    assert omnilm._resolve("org/tiny") == Path("org/tiny")
+    assert omnilm.api.resolve("org/tiny") == Path("org/tiny")
 
 
 # ---- strict tokenizer loading --------------------------------------------------------------------------
@@ -368,7 +371,7 @@ def test_an_interrupted_convert_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(OmniModel, "save_pretrained", fail)
     with pytest.raises(OSError, match="disk full"):
-        files_mod.convert_checkpoint("demo", tmp_path / "out")
+        convert_checkpoint(DEMO, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -476,5 +479,5 @@ def test_cli_module_imports_nothing_heavy():
         timeout=60,
     )
     assert r.stdout.strip() == "False", r.stderr
-    assert cli.DTYPES  # the names --dtype accepts are the ones omnilm._dtype knows
-    assert all(omnilm._dtype(d) is not None for d in cli.DTYPES)
+    assert cli.DTYPES  # the names --dtype accepts are the ones omnilm.api._dtype knows
+    assert all(omnilm.api._dtype(d) is not None for d in cli.DTYPES)

@@ -28,6 +28,7 @@ from .hf import (
     read_state_dict,
     retie,
 )
+from .hub import local_path
 
 # what the text model's directory holds besides its tokenizer.json (which the processor rewrites)
 TEXT_SIDE_FILES = (
@@ -69,18 +70,16 @@ def compose(text, vision=None, audio=None, out=None, seed: int = 0, tokenizer=No
     Parts are directories or hub ids. The tokenizer is the text model's (or `tokenizer`, a directory
     holding one); a text model without one is refused. `out` is written whole or not at all, and an
     existing non-empty `out` is refused unless `overwrite`."""
-    import omnilm
-
     from ..models.omni import OmniModel
     from ..processing.multimodal import Processor
 
     if out is not None:
         check_out_dir(out, overwrite)  # before any weights are read
-    text_dir = checkpoint_dir(omnilm._resolve(text))
-    tok_dir = checkpoint_dir(omnilm._resolve(tokenizer)) if tokenizer is not None else text_dir
+    text_dir = checkpoint_dir(local_path(text))
+    tok_dir = checkpoint_dir(local_path(tokenizer)) if tokenizer is not None else text_dir
     require_tokenizer(tok_dir, what="--tokenizer directory" if tokenizer is not None else "--text model")
-    vision = checkpoint_dir(omnilm._resolve(vision)) if vision is not None else None
-    audio = checkpoint_dir(omnilm._resolve(audio)) if audio is not None else None
+    vision = checkpoint_dir(local_path(vision)) if vision is not None else None
+    audio = checkpoint_dir(local_path(audio)) if audio is not None else None
     hf_text = read_config(text_dir)
     if hf_text.get("model_type") != "llama":
         raise CheckpointError(
@@ -151,7 +150,6 @@ def compose(text, vision=None, audio=None, out=None, seed: int = 0, tokenizer=No
             state.update({f"{name}.{k}": v for k, v in fresh.state_dict().items()})
     load_strict(model, state, source="composed model")
     retie(model)
-    model.hf_format = "omnilm" if audio is not None else "llava" if vision is not None else "llama"
     model.eval()
 
     if out is None:
@@ -159,15 +157,7 @@ def compose(text, vision=None, audio=None, out=None, seed: int = 0, tokenizer=No
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         carry(tok_dir, tmp, names=TEXT_SIDE_FILES)
-        Processor(
-            tokenizer,
-            image_processor,
-            audio_processor,
-            tokens_per_image=cfg.vision.tokens_per_image if cfg.vision else None,
-            tokens_per_audio_window=cfg.audio.tokens_per_window if cfg.audio else None,
-            image_token_id=cfg.image_token_id,
-            audio_token_id=cfg.audio_token_id,
-        ).save_pretrained(tmp)
+        Processor.from_model_config(cfg, tokenizer, image_processor, audio_processor).save_pretrained(tmp)
         _keep_chat_template(tok_dir / "tokenizer_config.json", tmp / "tokenizer_config.json")
     return model
 

@@ -139,27 +139,3 @@ def carry(src, dst, names=CARRY_FILES, dirs=CARRY_DIRS, replace: bool = True) ->
             shutil.copytree(d, dst / name, copy_function=shutil.copyfile)
             done.append(name + "/")
     return done
-
-
-# ---- convert -------------------------------------------------------------------------------------------
-
-
-def convert_checkpoint(src, out, dtype=None, overwrite: bool = False, tokenizer=None):
-    """Load `src` (a directory or hub id) and write it to `out` in Hugging Face format where one exists,
-    with every file the directory needs; returns the model."""
-    import omnilm
-
-    check_out_dir(out, overwrite)
-    from .hf import checkpoint_dir
-
-    src_dir = checkpoint_dir(omnilm._resolve(src))
-    tok_dir = omnilm._resolve(tokenizer) if tokenizer is not None else None
-    if tok_dir is not None:
-        require_tokenizer(tok_dir, what="--tokenizer directory")
-    model = omnilm.load(src_dir, dtype=dtype)
-    with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp)
-        carry(src_dir, tmp)  # the source's tokenizer and configs win over any default a save wrote
-        if tok_dir is not None:
-            carry(tok_dir, tmp, names=TOKENIZER_FILES + ("tokenizer_config.json", "chat_template.jinja"))
-    return model

@@ -60,6 +60,11 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "huggingface" / "hub"
 
 
+def local_path(name) -> Path:
+    """A hub id's snapshot directory; anything else as the path it names."""
+    return resolve(name) if is_hub_id(name) else Path(name)
+
+
 def resolve(name: str, revision: str | None = None) -> Path:
     """The local snapshot directory of hub id `name` (downloaded unless offline or already cached)."""
     m = HUB_ID.match(name)
