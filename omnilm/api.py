@@ -14,9 +14,12 @@ BUNDLED_MODELS = {"demo": _ASSETS / "demo"}
 
 
 def resolve(path) -> Path:
+    """A bundled name, a local path, or a Hugging Face hub id `owner/name[@revision]` (convert/hub.py)."""
     if isinstance(path, str) and path in BUNDLED_MODELS:
         return BUNDLED_MODELS[path]
-    return Path(path)
+    from .convert.hub import local_path
+
+    return local_path(path)
 
 
 def _dtype(dtype):
@@ -104,11 +107,14 @@ def load_encoder(path, device=None, dtype=None):
     )
 
 
-def load_processor(path):
-    """The processor of a model directory: text tokenizer plus image/audio preprocessing."""
-    from .processing.multimodal import load_processor as _load_processor
+def load_processor(path, tokenizer=None):
+    """The processor of a model directory: text tokenizer plus image/audio preprocessing. A directory
+    without a tokenizer is an error unless `tokenizer` (a directory, hub id or TextTokenizer) is given."""
+    from .processing.loading import load_processor as _load_processor
 
-    return _load_processor(resolve(path))
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = resolve(tokenizer)
+    return _load_processor(resolve(path), tokenizer=tokenizer)
 
 
 def load_codec(path):
