@@ -102,6 +102,12 @@ def hub_cache(tmp_path, tiny_dir, monkeypatch):
     (pick / "pytorch_model.bin").write_bytes(b"not opened")
     (cache / "models--org--pickled" / "refs").mkdir()
     (cache / "models--org--pickled" / "refs" / "main").write_text("c" * 40)
+    codec = cache / "models--org--codec" / "snapshots" / ("d" * 40)  # load_codec takes hub ids too
+    codec.mkdir(parents=True)
+    for f in (DEMO / "image_tokenizer").iterdir():
+        (codec / f.name).write_bytes(f.read_bytes())
+    (cache / "models--org--codec" / "refs").mkdir()
+    (cache / "models--org--codec" / "refs" / "main").write_text("d" * 40)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache, commits
@@ -284,6 +290,11 @@ def test_hub_ids_resolve_through_the_local_cache(hub_cache, tiny_dir, tmp_path, 
     )
     with pytest.raises(CheckpointError, match="pickle"):
         omnilm.load("org/pickled")
+    codes = torch.randint(0, 8, (1, 4, 4))
+    assert torch.equal(
+        omnilm.load_codec("org/codec").decode(codes),
+        omnilm.load_codec(DEMO / "image_tokenizer").decode(codes),
+    )
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE=1"):
         omnilm.load("org/tiny@v9")
     # the CLI and compose take hub ids too
