@@ -120,7 +120,6 @@ def cmd_tokenizer_train_image(args):
     from .tokenizers.vq import cmd_tokenizer_train_image as run
 
     _check_device(args.device)
-
     run(args)
 
 
@@ -128,7 +127,6 @@ def cmd_tokenizer_train_audio(args):
     from .tokenizers.vq import cmd_tokenizer_train_audio as run
 
     _check_device(args.device)
-
     run(args)
 
 
@@ -328,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_non_negative, default=0.0, help="0 is greedy decoding")
     p.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=_fraction, default=None, help="nucleus sampling mass, in (0, 1]")
-    p.add_argument("--seed", type=_seed, default=None, help="sampling seed, 0 <= S < 2**63 (default: random)")
+    p.add_argument(
+        "--seed", type=_seed, default=None, help="sampling seed, 0 <= S < 2**63 (default: unseeded)"
+    )
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument(
         "--output-image",
@@ -402,7 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     tok = p.add_subparsers(dest="tokenizer_command", metavar="KIND", required=True, parser_class=_Parser)
     t = _command(tok, "train", "train a byte-level BPE text tokenizer")
     t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
-    t.add_argument("--vocab-size", type=_vocab_size, required=True, help="vocabulary size, >= 260")
+    t.add_argument(
+        "--vocab-size",
+        type=_vocab_size,
+        required=True,
+        help="vocabulary size: 256 bytes + the special tokens at least",
+    )
     t.add_argument("--out", required=True, metavar="DIR", help="output directory")
     t.set_defaults(func=cmd_tokenizer_train)
     # [tokenizer subcommands]
