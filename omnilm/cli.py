@@ -100,7 +100,7 @@ def cmd_train(args):
     from .training.loop import cmd_train as run
 
     n, why = set_threads(args.threads)
-    print(f"threads: {n} ({why}; --threads N to change)", flush=True)
+    print(f"threads: {n} ({why})", flush=True)
     run(args)
 
 

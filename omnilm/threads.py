@@ -39,7 +39,23 @@ def default_threads() -> tuple[int, str]:
     if env.isdigit() and int(env) > 0:
         return int(env), "OMP_NUM_THREADS"
     n = physical_cores()
-    return n, f"physical cores available to this process, of {os.cpu_count()} logical CPUs"
+    return (
+        n,
+        f"physical cores available to this process, of {os.cpu_count()} logical CPUs; --threads N to change",
+    )
+
+
+def busy_note(threads: int) -> str:
+    """A hint when other processes already keep the cores busy (the default stays fixed so a run's
+    speed, not its thread count, is what the load changes)."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return ""
+    cores = len(available_cpus())
+    if threads > 1 and load >= cores:
+        return f"; the machine is busy (load {load:.1f} on {cores} CPUs): --threads 1 may be much faster"
+    return ""
 
 
 def set_threads(threads: int | None = None) -> tuple[int, str]:
@@ -48,4 +64,4 @@ def set_threads(threads: int | None = None) -> tuple[int, str]:
 
     n, why = (threads, "--threads") if threads else default_threads()
     torch.set_num_threads(n)
-    return n, why
+    return n, why if threads else why + busy_note(n)

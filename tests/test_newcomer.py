@@ -449,6 +449,12 @@ def test_default_threads_are_the_physical_cores_available(monkeypatch):
     assert threads.physical_cores({0}) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.default_threads() == (3, "OMP_NUM_THREADS")
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0 * cpus, 0.0, 0.0))
+    assert "--threads 1 may be much faster" in threads.busy_note(2)
+    assert threads.busy_note(1) == ""  # one thread is already the advice
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert threads.busy_note(2) == ""
 
 
 def test_train_log_says_how_many_threads(tmp_path, monkeypatch, capsys):
