@@ -40,6 +40,7 @@ from .sampling import sample
 
 PAGE_SIZE = 16
 PREFILL_CHUNK = 512  # prompt tokens prefilled per engine step: long prompts do not stall decoding
+BATCHED_MEDIA = {"pixel_values", "input_features"}  # encoded for several requests in one batch
 
 
 @dataclass
@@ -241,10 +242,19 @@ class Engine:
                     break  # first come, first served: later requests wait too
                 self._admit(self.waiting.popleft())
         budget = self.prefill_chunk
-        for req in list(self.prefilling):
+        whole = []  # fresh prompts that fit this step whole: prefilled together, by length
+        for req in self.prefilling:
+            n = sum(len(seq.ids) for seq in req.seqs)
+            if n > budget or any(seq.cached for seq in req.seqs) or set(req.media) - BATCHED_MEDIA:
+                break
+            whole.append(req)
+            budget -= n
+        self._prefill_whole(whole)
+        for req in list(self.prefilling):  # then long prompts, a chunk at a time
             if budget <= 0:
                 break
-            budget -= self._prefill(req, budget)
+            if req not in whole:
+                budget -= self._prefill(req, budget)
         if self.running:
             self._decode()
 
@@ -302,7 +312,7 @@ class Engine:
                     return done
                 start, end = seq.cached, seq.cached + n
                 write = torch.tensor(self.kv.slots(seq.pages, start, end), device=self.device)
-                read = torch.tensor([self.kv.slots(seq.pages, 0, end)], device=self.device)  # (1, end)
+                read = self._read_pages([seq], end)  # (1, n_pages)
                 mask = None  # a fresh prompt in one chunk: plain causal attention (SDPA's flash kernel)
                 if start > 0:  # a later chunk: its queries see every earlier key and the causal part
                     q = torch.arange(start, end, device=self.device)
@@ -311,7 +321,7 @@ class Engine:
                     inputs_embeds=seq.embeds[None, start:end],
                     attention_mask=mask,
                     position_ids=torch.arange(start, end, device=self.device)[None],
-                    cache=self.kv.view(write, read),
+                    cache=self.kv.view(write, read, end),
                     cache_position=torch.arange(start, end, device=self.device),
                     kv_len=end,
                     logits_slice=slice(-1, None),
@@ -325,12 +335,66 @@ class Engine:
             self._finish(req, Event(None, finish_reason="error", error=e))
             return done
         if all(seq.cached >= len(seq.ids) for seq in req.seqs):
-            self.prefilling.remove(req)
-            self.running.append(req)
-            self._sample(req, [seq.last_logits for seq in req.seqs])
-            for seq in req.seqs:
-                del seq.last_logits
+            self._start(req)
         return done
+
+    def _prefill_whole(self, reqs: list[Request]):
+        """Prefill whole fresh prompts, one forward per prompt length: rows of equal length need no
+        padding, so each row computes exactly what it computes alone. The media of a group are
+        encoded in one batch too (scattered in row order). A group whose forward fails (a request
+        with bad media) is redone one request at a time, so the bad one fails alone."""
+        groups: dict[int, list] = {}
+        for req in reqs:
+            for i, seq in enumerate(req.seqs):
+                groups.setdefault(len(seq.ids), []).append((req, i, seq))
+        failed = set()
+        for T, rows in groups.items():
+            try:
+                self._forward_prefill_group(T, rows)
+            except OmniLMError:
+                failed.update(req for req, _, _ in rows)
+        for req in reqs:
+            if req in failed:
+                for seq in req.seqs:
+                    seq.cached, seq.embeds = 0, None
+                self._prefill(req, sum(len(seq.ids) for seq in req.seqs))
+            elif req in self.prefilling:
+                self._start(req)
+
+    def _forward_prefill_group(self, T: int, rows):
+        dev = self.device
+        ids = torch.tensor([seq.ids for _, _, seq in rows], device=dev)  # (B, T)
+        media = {}
+        for key in BATCHED_MEDIA:
+            parts = [req.media[key] for req, i, _ in rows if i == 0 and key in req.media]
+            if parts:
+                media[key] = torch.cat(parts)
+        embeds = self.model.embed(ids, **media)  # (B, T, D)
+        write = torch.tensor([t for _, _, seq in rows for t in self.kv.slots(seq.pages, 0, T)], device=dev)
+        only = "image" if all(req.only == "image" for req, _, _ in rows) else None
+        out = self.model(
+            inputs_embeds=embeds,
+            position_ids=torch.arange(T, device=dev)[None].expand(len(rows), -1),
+            cache=self.kv.view(write, self._read_pages([seq for _, _, seq in rows], T), T),
+            cache_position=torch.arange(T, device=dev),
+            kv_len=T,
+            logits_slice=slice(-1, None),
+            **({"logits_modality": only} if only else {}),
+        )
+        disc = self.model.config.discrete
+        for b, (req, _, seq) in enumerate(rows):
+            logits = out.logits[b : b + 1, -1]  # (1, V)
+            if req.only == "image" and only is None:
+                logits = logits[:, disc.image_offset : disc.audio_offset]
+            seq.cached, seq.last_logits = T, logits
+
+    def _start(self, req: Request):
+        """Every sequence of req is prefilled: sample its first token and let it decode."""
+        self.prefilling.remove(req)
+        self.running.append(req)
+        self._sample(req, [seq.last_logits for seq in req.seqs])
+        for seq in req.seqs:
+            del seq.last_logits
 
     def _decode(self):
         """One batched forward: every running sequence feeds its last token."""
@@ -341,7 +405,7 @@ class Engine:
         tokens = torch.tensor([[req.output[-1]] for req in reqs for _ in req.seqs], device=self.device)
         write = torch.tensor([self.kv.slots(s.pages, s.cached, s.cached + 1)[0] for s in seqs],
                              device=self.device)  # fmt: skip
-        read = self._read_slots(seqs, S)  # (B, S)
+        read = self._read_pages(seqs, S)  # (B, n_pages)
         positions = torch.tensor([[s.cached] for s in seqs], device=self.device)  # (B, 1)
         mask = None
         if min(lengths) != S:  # rows of different lengths: each attends to its own keys only
@@ -351,7 +415,7 @@ class Engine:
             )
             mask = mask[:, None, None, :]  # (B, 1, 1, S)
         only = "image" if all(req.only == "image" for req in reqs) else None
-        logits = self._decode_forward(tokens, mask, positions, write, read, only)  # (B, V) or (B, V_image)
+        logits = self._decode_forward(tokens, mask, positions, write, read, S, only)  # (B, V) or (B, V_image)
         row = 0
         for req, seq_count in [(r, len(r.seqs)) for r in reqs]:
             for seq in req.seqs:
@@ -364,27 +428,25 @@ class Engine:
             row += seq_count
             self._sample(req, rows)
 
-    def _forward(self, tokens, mask, positions, write, read, only):
+    def _forward(self, tokens, mask, positions, write, read, S, only):
         """The decode step's model call: tokens, positions (B, 1); mask (B, 1, 1, S) or None."""
         out = self.model(
             tokens,
             attention_mask=mask,
             position_ids=positions,
-            cache=self.kv.view(write, read),
+            cache=self.kv.view(write, read, S),
             cache_position=positions[0],
-            kv_len=read.shape[1],
+            kv_len=S,
             **({"logits_modality": only} if only else {}),
         )
         return out.logits[:, -1]
 
-    def _read_slots(self, seqs, S: int) -> torch.Tensor:
-        """(B, S) slots of each row's tokens, padded with the row's first slot (masked)."""
-        P = self.page_size
-        n_pages = math.ceil(S / P)
-        table = torch.tensor([s.pages[:n_pages] + [s.pages[0]] * (n_pages - len(s.pages[:n_pages])) for s in seqs],
-                             device=self.device)  # fmt: skip
-        slots = (table[:, :, None] * P + torch.arange(P, device=self.device)).flatten(1)  # (B, n_pages * P)
-        return slots[:, :S]
+    def _read_pages(self, seqs, S: int) -> torch.Tensor:
+        """(B, n_pages) the pages holding each row's first S slots, row-padded with its first page."""
+        n = math.ceil(S / self.page_size)
+        return torch.tensor(
+            [s.pages[:n] + [s.pages[0]] * (n - len(s.pages[:n])) for s in seqs], device=self.device
+        )
 
     def _sample(self, req: Request, rows: list[torch.Tensor]):
         """Choose req's next token from its logits rows (cond first, then uncond), emit it, retire req

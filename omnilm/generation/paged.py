@@ -1,10 +1,11 @@
 """The paged KV cache: fixed-size pages handed out to sequences and taken back, as in nano-vllm.
 
-Keys and values of every layer live in one tensor of `num_pages * page_size` token slots; a sequence
-owns a list of pages (its block table) and its token t sits in slot `pages[t // P] * P + t % P`. A
-forward pass sees a `CacheView`: the decoder calls `view.layers[i].update(slots, k, v)` exactly as it
-calls a static cache, the new keys/values go to their slots, and each row's keys/values come back
-gathered into (B, H_kv, S, head_dim) for SDPA. So model code does not know pages exist.
+Keys and values of every layer live in one (num_pages, page_size, H_kv, head_dim) tensor; a sequence
+owns a list of pages (its block table) and its token t sits in slot `pages[t // P] * P + t % P` of
+the flattened tensor. A forward pass sees a `CacheView`: the decoder calls
+`view.layers[i].update(slots, k, v)` exactly as it calls a static cache, the new keys/values go to
+their slots, and each row's pages come back gathered, whole pages at a time, into
+(B, H_kv, S, head_dim) for SDPA. So model code does not know pages exist.
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ class PagePool:
 
 
 class PagedKV:
-    """Per-layer key and value slots, each (num_pages * page_size, H_kv, head_dim)."""
+    """Per-layer key and value pages, each (num_pages, page_size, H_kv, head_dim)."""
 
     def __init__(self, n_layers, n_kv_heads, head_dim, num_pages, page_size, dtype, device):
         self.page_size = page_size
-        shape = (num_pages * page_size, n_kv_heads, head_dim)
+        shape = (num_pages, page_size, n_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
 
@@ -56,25 +57,35 @@ class PagedKV:
         P = self.page_size
         return [pages[t // P] * P + t % P for t in range(start, end)]
 
-    def view(self, write_slots: torch.Tensor, read_slots: torch.Tensor) -> CacheView:
-        return CacheView(self, write_slots, read_slots)
+    def view(self, write_slots: torch.Tensor, read_pages: torch.Tensor, length: int) -> CacheView:
+        return CacheView(self, write_slots, read_pages, length)
 
 
 class CacheView:
-    """One forward's window on the pages: write_slots (B * T,) for the new tokens, read_slots (B, S)
-    for the keys each row attends to (row-padded with any slot; the mask hides those)."""
+    """One forward's window on the pages: write_slots (B * T,) for the new tokens; read_pages
+    (B, n_pages), the pages of each row (row-padded with any page; the mask hides those), of which
+    the first `length` slots are attended to."""
 
-    def __init__(self, kv: PagedKV, write_slots: torch.Tensor, read_slots: torch.Tensor):
-        self.layers = [_LayerView(k, v, write_slots, read_slots) for k, v in zip(kv.k, kv.v, strict=True)]
+    def __init__(self, kv: PagedKV, write_slots: torch.Tensor, read_pages: torch.Tensor, length: int):
+        self.layers = [
+            _LayerView(k, v, write_slots, read_pages, length) for k, v in zip(kv.k, kv.v, strict=True)
+        ]
 
 
 class _LayerView:
-    def __init__(self, k, v, write_slots, read_slots):
-        self.k, self.v, self.write_slots, self.read_slots = k, v, write_slots, read_slots
+    def __init__(self, k, v, write_slots, read_pages, length):
+        self.k, self.v, self.write_slots, self.read_pages, self.length = k, v, write_slots, read_pages, length
 
     def update(self, cache_position, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, H_kv, T, hd) new -> (B, H_kv, S, hd) of every key each row attends to."""
         B, H, T, D = k.shape
-        self.k.index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(B * T, H, D))
-        self.v.index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(B * T, H, D))
-        return self.k[self.read_slots].transpose(1, 2), self.v[self.read_slots].transpose(1, 2)
+        self.k.view(-1, H, D).index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(B * T, H, D))
+        self.v.view(-1, H, D).index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(B * T, H, D))
+        return self._gather(self.k), self._gather(self.v)
+
+    def _gather(self, pages: torch.Tensor) -> torch.Tensor:
+        """Whole pages per row: a few large copies rather than one per token."""
+        B, n = self.read_pages.shape
+        P, H, D = pages.shape[1:]
+        out = pages.index_select(0, self.read_pages.flatten()).view(B, n * P, H, D)[:, : self.length]
+        return out.transpose(1, 2)  # (B, H_kv, S, hd)
