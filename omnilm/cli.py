@@ -261,11 +261,6 @@ class _Help(argparse.HelpFormatter):
         )
 
 
-def _command(sub, name, help_text):
-    return sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
-                          formatter_class=_Help)  # fmt: skip
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .config import PRESETS
@@ -284,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"omnilm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = _command(sub, "plan", "size a preset exactly: parameters, memory, KV cache, FLOPs, GPU-days")
+    p = sub.add_parser("plan", help="size a preset exactly: parameters, memory, KV cache, FLOPs, GPU-days")
     p.add_argument("--preset", required=True, metavar="NAME", help=f"one of: {presets}")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     p.add_argument(
@@ -300,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=_fraction, default=0.4, help="model FLOPs utilization, in (0, 1]")
     p.set_defaults(func=cmd_plan)
 
-    p = _command(sub, "generate", "generate text (and images/audio) from a prompt with media")
+    p = sub.add_parser("generate", help="generate text (and images/audio) from a prompt with media")
     p.add_argument(
         "--model", required=True, help="model directory, hub id, or 'demo' for the bundled checkpoint"
     )
@@ -358,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_generate)
 
-    p = _command(sub, "compose", "build one multimodal checkpoint from pretrained parts")
+    p = sub.add_parser("compose", help="build one multimodal checkpoint from pretrained parts")
     p.add_argument("--text", required=True, help="Llama directory or hub id (Hugging Face format)")
     p.add_argument("--vision", default=None, help="SigLIP/CLIP vision directory or hub id")
     p.add_argument("--audio", default=None, help="Whisper/wav2vec2 directory or hub id")
@@ -367,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_compose)
 
-    p = _command(sub, "convert", "load a checkpoint and write it back (Hugging Face format where one exists)")
+    p = sub.add_parser(
+        "convert", help="load a checkpoint and write it back (Hugging Face format where one exists)"
+    )
     p.add_argument("--model", required=True, help="model directory or hub id")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="convert the weights (default: keep)")
@@ -377,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_convert)
 
-    p = _command(sub, "train", "train from a YAML config")
+    p = sub.add_parser("train", help="train from a YAML config")
     p.add_argument(
         "--config", required=True, metavar="FILE", help="training YAML (see examples/train_tiny.yaml)"
     )
@@ -392,15 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    p = _command(sub, "demo", "train and evaluate the tiny multimodal demo model offline")
+    p = sub.add_parser("demo", help="train and evaluate the tiny multimodal demo model offline")
     p.add_argument("--quick", action="store_true", help="a reduced run for tests")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory")
     p.set_defaults(func=cmd_demo)
 
-    p = _command(sub, "tokenizer", "train tokenizers")
-    tok = p.add_subparsers(dest="tokenizer_command", metavar="KIND", required=True, parser_class=_Parser)
-    t = _command(tok, "train", "train a byte-level BPE text tokenizer")
+    p = sub.add_parser("tokenizer", help="train tokenizers")
+    tok = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
+    t = tok.add_parser("train", help="train a byte-level BPE text tokenizer")
     t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
     t.add_argument(
         "--vocab-size",
@@ -411,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, metavar="DIR", help="output directory")
     t.set_defaults(func=cmd_tokenizer_train)
     # [tokenizer subcommands]
-    t = _command(tok, "train-image", "train the VQ-VAE image tokenizer; prints PSNR and codebook usage")
+    t = tok.add_parser("train-image", help="train the VQ-VAE image tokenizer; prints PSNR and codebook usage")
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="folder of images (searched recursively)")
     src.add_argument("--demo", action="store_true", help="the bundled handwritten digits, upscaled")
@@ -421,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--codebook-size", type=_positive_int, default=256, help="codes in the codebook")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cpu)")
     t.set_defaults(func=cmd_tokenizer_train_image)
-    t = _command(tok, "train-audio", "train the audio codec (residual VQ); prints SI-SNR")
+    t = tok.add_parser("train-audio", help="train the audio codec (residual VQ); prints SI-SNR")
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument("--audio", metavar="DIR", help="folder of wav/flac/ogg files (searched recursively)")
     src.add_argument("--demo", action="store_true", help="synthesized DTMF tones")
@@ -430,7 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sample-rate", type=_positive_int, default=16000, help="Hz the clips are resampled to")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cpu)")
     t.set_defaults(func=cmd_tokenizer_train_audio)
+    _describe(parser)
     return parser
+
+
+def _describe(parser):
+    """Every subcommand's --help opens with its one-line summary and shows defaults, however it was
+    added (blocks above may use sub.add_parser directly)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for summary in action._choices_actions:
+                sub = action.choices[summary.dest]
+                if not sub.description and summary.help:
+                    sub.description = summary.help[:1].upper() + summary.help[1:] + "."
+                sub.formatter_class = _Help
+                _describe(sub)
 
 
 def main(argv=None) -> int:
