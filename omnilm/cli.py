@@ -28,6 +28,8 @@ def cmd_generate(args):
     _check_output(args.output_audio, "--output-audio", _audio_extensions(), ".wav")
     dtype = args.dtype or ("bfloat16" if args.device and args.device.startswith("cuda") else None)
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
+    if args.output_image and hasattr(pipe.processor, "generation_grid"):  # Emu3: its image grammar
+        return _emu3_image(args, pipe)
     prompt = pipe.encode(args.prompt, args.image, args.audio, args.file)
     config = pipe.config(
         max_new_tokens=args.max_new_tokens,
@@ -50,6 +52,27 @@ def cmd_generate(args):
         pipe.close()
     if args.output_image or args.output_audio:
         _write_media(out, args)
+
+
+def _emu3_image(args, pipe):
+    from .generation.emu3_grammar import generate_image
+
+    width, height = args.image_size or (int(pipe.processor.image_area**0.5),) * 2
+    pipe.processor.generation_grid(height, width)  # a bad size fails before the weights load
+    image, _, _ = generate_image(
+        pipe.model, pipe.processor, args.prompt, height, width, guidance_scale=args.guidance_scale,
+        temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )  # fmt: skip
+    image.save(args.output_image)
+    print(f"wrote {args.output_image}")
+
+
+def _image_size(s):
+    try:
+        w, h = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, got {s!r}") from None
+    return w, h
 
 
 def _write_media(out, args):
@@ -330,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="write the first generated image (.png, .jpg, ...)",
+    )
+    p.add_argument(
+        "--image-size", type=_image_size, default=None, help="WIDTHxHEIGHT of a generated image (Emu3)"
     )
     p.add_argument(
         "--output-audio",

@@ -10,7 +10,7 @@ their slots, and each row's pages come back gathered, whole pages at a time, int
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 import torch
 
@@ -18,11 +18,21 @@ from ..errors import OmniLMError
 
 
 class PagePool:
-    """Hands out page ids and takes them back; `used` is what the metrics and tests read."""
+    """Hands out page ids and takes them back, counting references; `used` is what metrics and tests
+    read.
+
+    Prefix caching: a full page of prompt keys/values can be registered under a hash of every token
+    up to its end (`register`); a later prompt with the same tokens takes the page instead of
+    computing it again (`lookup`). A page nobody holds is free, but keeps its hash until it is handed
+    out again, least recently freed first, so a common system prompt stays cached while there is room.
+    """
 
     def __init__(self, num_pages: int):
         self.num_pages = num_pages
-        self._free = deque(range(num_pages))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))
+        self._refs = [0] * num_pages
+        self._hash_of: dict[int, int] = {}  # page -> prefix hash
+        self._page_of: dict[int, int] = {}  # prefix hash -> page
 
     @property
     def free(self) -> int:
@@ -35,12 +45,49 @@ class PagePool:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OmniLMError(f"KV page pool exhausted: {n} pages asked, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        pages = []
+        for _ in range(n):
+            page, _ = self._free.popitem(last=False)
+            if page in self._hash_of:  # its old contents are about to be overwritten
+                del self._page_of[self._hash_of.pop(page)]
+            self._refs[page] = 1
+            pages.append(page)
+        return pages
 
     def release(self, pages: list[int]):
-        self._free.extend(pages)
-        if len(self._free) > self.num_pages:  # a page returned twice would be handed out twice
-            raise AssertionError("KV page released twice")
+        for page in pages:
+            self._refs[page] -= 1
+            if self._refs[page] < 0:  # a page returned twice would be handed out twice
+                raise AssertionError(f"KV page {page} released twice")
+            if self._refs[page] == 0:
+                self._free[page] = None
+
+    def lookup(self, hashes: list[int]) -> list[int]:
+        """The cached pages of the longest run of leading prefix hashes, each taken (referenced)."""
+        pages = []
+        for h in hashes:
+            page = self._page_of.get(h)
+            if page is None:
+                break
+            if self._refs[page] == 0:
+                del self._free[page]
+            self._refs[page] += 1
+            pages.append(page)
+        return pages
+
+    def register(self, page: int, h: int):
+        if h not in self._page_of and page not in self._hash_of:
+            self._page_of[h], self._hash_of[page] = page, h
+
+
+def prefix_hashes(ids: list[int], page_size: int, n_pages: int) -> list[int]:
+    """Hash of each of the first n_pages full pages of ids, chained: page i's hash covers every token
+    up to its end, so equal hashes mean equal keys/values."""
+    out, h = [], 0
+    for i in range(n_pages):
+        h = hash((h, tuple(ids[i * page_size : (i + 1) * page_size])))
+        out.append(h)
+    return out
 
 
 class PagedKV:

@@ -42,6 +42,18 @@ def load_processor(path, tokenizer=None) -> multimodal.Processor:
     )
 
 
+def require_own_tokenizer(path, tokenizer, model_type: str) -> None:
+    """Families with their own processor (qwen2_audio, emu3) read the directory's tokenizer only."""
+    if tokenizer is not None:
+        from ..errors import ConfigError
+
+        raise ConfigError(
+            f"{path}: a {model_type} processor reads its own directory's tokenizer; copy the tokenizer "
+            "files into the model directory instead of passing one"
+        )
+    require_tokenizer(path)
+
+
 def _is_encoder_dir(path: Path) -> bool:
     if (path / "omnilm_config.json").is_file():
         return False
