@@ -131,7 +131,8 @@ def main():
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     cfg = hf_config(args.small)
     torch.manual_seed(0)
-    hf = transformers.MllamaForConditionalGeneration(cfg)
+    with torch.device(device):  # random init on the device: the CPU would take minutes at 11B widths
+        hf = transformers.MllamaForConditionalGeneration(cfg).to(dtype)
     perturb_gates(hf)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)

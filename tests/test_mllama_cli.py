@@ -12,6 +12,7 @@ from PIL import Image
 import omnilm
 from omnilm.cli import main
 from omnilm.config import CrossAttentionConfig, DecoderConfig, MllamaVisionConfig, ModelConfig
+from omnilm.tokenizers.text import TextTokenizer
 
 TILE = 20
 
@@ -55,6 +56,7 @@ def model_dir(tmp_path_factory):
             if hasattr(layer, "cross_attn_attn_gate"):
                 layer.cross_attn_attn_gate.fill_(0.5)
     model.save_pretrained(root / "m")
+    TextTokenizer.default().save(root / "m")  # the default tokenizer stands for the model's own
     (root / "m" / "preprocessor_config.json").write_text(
         json.dumps({"size": {"height": TILE, "width": TILE}, "max_image_tiles": 4})
     )

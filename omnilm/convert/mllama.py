@@ -171,7 +171,9 @@ def cross_layer_indices(num_text_layers: int, every: int) -> list[int]:
     return [(k + 1) * every + k for k in range(n_cross)]
 
 
-def compose_cross_attention(text, vision, every: int = 4, out=None, seed: int = 0):
+def compose_cross_attention(
+    text, vision, every: int = 4, out=None, seed: int = 0, tokenizer=None, overwrite: bool = False
+):
     """Insert freshly initialised gated cross-attention layers (gates at 0, so the composed model's
     logits equal the text model's until training moves them) and a fresh projector between a Llama
     and a SigLIP/CLIP tower. Written in OmniLM format (no Hugging Face format has this shape)."""
@@ -183,11 +185,17 @@ def compose_cross_attention(text, vision, every: int = 4, out=None, seed: int = 
     from ..models.mllama import MllamaModel
     from ..tokenizers.text import IMAGE
     from .compose import _grow_vocab, _read_json, _tokenizer_with_markers
+    from .files import atomic_dir, check_out_dir, require_tokenizer
     from .hf import checkpoint_dir, llama_state_from_hf, read_config
+    from .hub import local_path
     from .vision import tower_state_from_hf
     from .vision import vision_config_from_hf as tower_config_from_hf
 
-    text_dir, vision_dir = checkpoint_dir(text), checkpoint_dir(vision)
+    if out is not None:
+        check_out_dir(out, overwrite)  # before any weights are read
+    text_dir, vision_dir = checkpoint_dir(local_path(text)), checkpoint_dir(local_path(vision))
+    tok_dir = checkpoint_dir(local_path(tokenizer)) if tokenizer is not None else text_dir
+    require_tokenizer(tok_dir, what="--tokenizer directory" if tokenizer is not None else "--text model")
     hf_text = read_config(text_dir)
     if hf_text.get("model_type") != "llama":
         raise CheckpointError(
@@ -202,7 +210,7 @@ def compose_cross_attention(text, vision, every: int = 4, out=None, seed: int = 
     vcfg = dataclasses.replace(  # LLaVA's choice: penultimate layer, CLIP's CLS dropped
         vcfg, use_head=False, feature_layer=-2, feature_select="default" if vcfg.kind == "clip" else "full"
     )
-    tokenizer = _tokenizer_with_markers(text_dir, [IMAGE])
+    tokenizer = _tokenizer_with_markers(tok_dir, [IMAGE])
     lm_state = llama_state_from_hf(read_state_dict(text_dir), decoder)
     if tokenizer.vocab_size > decoder.vocab_size:
         lm_state = _grow_vocab(lm_state, decoder, tokenizer.vocab_size)
@@ -242,9 +250,10 @@ def compose_cross_attention(text, vision, every: int = 4, out=None, seed: int = 
     retie(model)
     model.eval()
     if out is not None:
-        model.save_pretrained(out)
-        tokenizer.save(out)
-        pre = _read_json(vision_dir / "preprocessor_config.json")
-        if pre is not None:
-            (Path(out) / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+        with atomic_dir(out, overwrite) as tmp:  # written whole or not at all
+            model.save_pretrained(tmp)
+            tokenizer.save(tmp)
+            pre = _read_json(vision_dir / "preprocessor_config.json")
+            if pre is not None:
+                (Path(tmp) / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     return model

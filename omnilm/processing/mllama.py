@@ -232,13 +232,19 @@ class MllamaProcessor:
         self.prompt_format = "plain"
 
     @classmethod
-    def from_pretrained(cls, path) -> MllamaProcessor:
+    def from_pretrained(cls, path, tokenizer=None) -> MllamaProcessor:
         """A `model_type: mllama` directory, or an OmniLM one with cross-attention fusion (a composed
-        model: a SigLIP/CLIP tower, one tile per image, its own preprocessor_config.json)."""
+        model: a SigLIP/CLIP tower, one tile per image, its own preprocessor_config.json). tokenizer:
+        None (the directory's own, required), a directory holding one, or a TextTokenizer."""
+        from ..convert.files import require_tokenizer
         from ..tokenizers.text import TextTokenizer
 
         path = Path(path)
-        tok = TextTokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else TextTokenizer.default()
+        tok = tokenizer
+        if not isinstance(tok, TextTokenizer):
+            tok_dir = path if tok is None else Path(tok)
+            require_tokenizer(tok_dir, what="model directory" if tok is None else "tokenizer directory")
+            tok = TextTokenizer.from_dir(tok_dir)
         f = path / "preprocessor_config.json"
         pre = json.loads(f.read_text()) if f.is_file() else None
         if (path / OMNILM_CONFIG).is_file():
