@@ -380,20 +380,23 @@ def _tokenize(text: str, tokenizer: TextTokenizer, specials: dict[str, int], gua
     text is ordinary text. Returns (ids, loss_mask) with 1 on tokens inside learned spans."""
     # Undo the guards: the plain text, per character whether it is learned, and the user-text spans.
     pieces, learn, user_spans, inside, pos, length = [], [], [], False, 0, 0
+
+    def put(chunk):
+        nonlocal length
+        pieces.append(chunk)
+        learn.extend([inside] * len(chunk))
+        length += len(chunk)
+
     for m in re.finditer("[\U000ffffe\U000fffff]|" + _GUARD_RE.pattern, text):
-        for chunk, is_user in ((text[pos : m.start()], False), (None, True)):
-            if chunk is None:
-                if m.group() in ("\U000ffffe", "\U000fffff"):
-                    inside = m.group() == "\U000ffffe"
-                    continue
-                chunk = guarded[ord(m.group(1)) - _GUARD_BASE]
-                user_spans.append((length, length + len(chunk)))
-            pieces.append(chunk)
-            learn += [inside] * len(chunk)
-            length += len(chunk)
+        put(text[pos : m.start()])
+        if m.group(1) is None:  # a learned span opens or closes
+            inside = m.group() == "\U000ffffe"
+        else:
+            user = guarded[ord(m.group(1)) - _GUARD_BASE]
+            user_spans.append((length, length + len(user)))
+            put(user)
         pos = m.end()
-    pieces.append(text[pos:])
-    learn += [inside] * (len(text) - pos)
+    put(text[pos:])
     plain = "".join(pieces)
 
     ids, mask = [], []
