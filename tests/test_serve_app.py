@@ -315,3 +315,72 @@ def test_fuzz_completions(demo_client, prompt, extra):
               "seed": _junk, "quality": _junk}))  # fmt: skip
 def test_fuzz_images(demo_client, body):
     _no_5xx(demo_client, "/v1/images/generations", body)
+
+
+def _wav_claiming_hours(hours=10, rate=16000) -> bytes:
+    """A WAV header whose data chunk claims `hours` of 16-bit mono audio, followed by 1 kB of it."""
+    import struct
+
+    size = rate * 2 * 3600 * hours
+    header = (
+        b"RIFF"
+        + struct.pack("<I", 36 + size)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+    )
+    return header + b"data" + struct.pack("<I", size) + b"\x01\x00" * 512
+
+
+def test_poison_requests_fail_alone(demo_client):
+    from PIL import Image
+
+    from omnilm.processing.documents import build_pdf
+
+    def part(kind, data):
+        b64 = base64.b64encode(data).decode()
+        if kind == "image":
+            return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}}
+        if kind == "audio":
+            return {"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}}
+        return {"type": "file", "file": {"file_data": b64, "filename": "bomb.pdf"}}
+
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1), "black").save(tiny, format="PNG")
+    pdf = build_pdf([[("text", f"page {i}")] for i in range(300)])  # over the 200-page limit
+    poison = [
+        [part("image", tiny.getvalue()), {"type": "text", "text": "which digit is this?"}],
+        [part("audio", _wav_claiming_hours()), {"type": "text", "text": "which number was dialled?"}],
+        [part("file", pdf), {"type": "text", "text": "what is the total?"}],
+        "7 " * 50_000,  # 100k tokens
+    ]
+    good = {"messages": [{"role": "user", "content": "draw a 7"}], "max_tokens": 20}
+    results = {}
+
+    def send(i, body):
+        results[i] = demo_client.post("/v1/chat/completions", headers=AUTH, json=body)
+
+    bodies = [{"messages": [{"role": "user", "content": c}], "max_tokens": 4} for c in poison] + [good, good]
+    threads = [threading.Thread(target=send, args=(i, b)) for i, b in enumerate(bodies)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    statuses = [results[i].status_code for i in range(len(bodies))]
+    assert statuses[0] == 200  # a 1x1 image is an image: resized, answered
+    assert statuses[1:4] == [400, 400, 400], [results[i].json() for i in (1, 2, 3)]
+    assert results[3].json()["error"]["code"] == "context_length_exceeded"
+    assert statuses[4:] == [200, 200]
+    assert results[4].json()["choices"][0] == results[5].json()["choices"][0]
+
+
+def test_completions_take_token_ids_like_lm_eval(demo_client):
+    tok = demo_client.app.state.omnilm.backend.processor.tokenizer
+    ids = tok.encode("draw a 7", add_bos=True)
+    body = {"prompt": [ids, ids[:3]], "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    r = demo_client.post("/v1/completions", headers=AUTH, json=body)
+    assert r.status_code == 200, r.text
+    a, b = r.json()["choices"]
+    assert len(a["logprobs"]["token_logprobs"]) == len(ids) + 1  # the prompt's, then the generated token's
+    assert a["logprobs"]["token_logprobs"][:3] == pytest.approx(b["logprobs"]["token_logprobs"][:3], abs=1e-4)
+    bad = demo_client.post("/v1/completions", headers=AUTH, json={"prompt": [1, 6, 5], "max_tokens": 1})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"  # 6 is the image placeholder

@@ -285,9 +285,13 @@ def create_app(load, api_key=None, max_body: int = DEFAULT_MAX_BODY, allow_media
         _check_model(state, body.model)
         if body.stream and body.echo:
             raise APIError(400, "echo is not supported with stream", param="echo")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
         try:
-            encoded = [b.processor.encode_prompt(p) for p in prompts]
+            encoded = [
+                b.processor.encode_prompt(p) if isinstance(p, str) else _checked_ids(b, p) for p in prompts
+            ]
         except OmniLMError as e:
             raise _user_error(e) from None
         if body.stream and len(prompts) > 1:
@@ -388,6 +392,17 @@ def _user_error(e: OmniLMError) -> APIError:
     if isinstance(e, QueueFullError):
         return APIError(429, str(e), "rate_limit_error", code="queue_full")
     return APIError(400, " ".join(str(e).split()), code=code)
+
+
+def _checked_ids(b, ids: list[int]) -> list[int]:
+    """Token ids given by a client: inside the vocabulary, and never a media placeholder (no media here)."""
+    vocab = b.processor.tokenizer.vocab_size
+    placeholders = {b.processor.image_token_id, b.processor.audio_token_id} - {None}
+    for i, t in enumerate(ids):
+        if t >= vocab or t in placeholders:
+            raise APIError(400, f"prompt token {i} ({t}) is not a text token id of this model (vocabulary {vocab})",
+                           param="prompt")  # fmt: skip
+    return list(ids)
 
 
 def _config(b, body, n_prompt: int, max_tokens, logprobs, allow_zero=False) -> GenerationConfig:

@@ -116,7 +116,16 @@ Prompt = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
 class CompletionRequest(Sampling):
-    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=32)]
+    # text, texts, token ids, or lists of token ids (lm-evaluation-harness sends ids)
+    prompt: (
+        Prompt
+        | Annotated[list[Prompt], Field(min_length=1, max_length=32)]
+        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_TOKENS)]
+        | Annotated[
+            list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]],
+            Field(min_length=1, max_length=32),
+        ]
+    )
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
 
