@@ -12,8 +12,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from omnilm.errors import QueueFullError
+from omnilm.generation import Event
 from omnilm.serve.app import OPEN_ROUTES, create_app
-from omnilm.serve.backend import Event, QueueFullError
 
 KEY = "k-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -34,7 +35,7 @@ class SlowRequest:
                     break
                 time.sleep(delay)
                 on_event(Event(token=digit))
-            on_event(Event(finish_reason="length"))
+            on_event(Event(None, finish_reason="length"))
         finally:
             self.backend.active -= 1
 
@@ -53,6 +54,7 @@ class FakeBackend:
         self.model = SimpleNamespace(config=SimpleNamespace(discrete=None))
         self.context, self.max_queue, self.n_tokens, self.delay = 128, max_queue, n_tokens, delay
         self.active, self.cancels, self.queued, self.running, self.page_use = 0, 0, 0, 0, 0.0
+        self.eos_ids = frozenset({2})
         self.lock = threading.Lock()
 
     def submit(self, prompt_ids, cfg, media=None, on_event=None):

@@ -24,9 +24,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import ContextLengthError, OmniLMError
+from ..errors import ContextLengthError, OmniLMError, QueueFullError
 from . import schemas
-from .backend import GenerationConfig, QueueFullError
 from .media import MediaPolicy, render, to_parts
 
 # torch (and so the backend and the text streamer) is imported by the loading thread, not here: the
@@ -333,6 +332,8 @@ def create_app(load, api_key=None, max_body: int = DEFAULT_MAX_BODY, allow_media
         disc = getattr(b.model.config, "discrete", None)
         if disc is None or not disc.image_vocab_size:
             raise APIError(400, "this model does not generate images (it has no discrete image head)")
+        from ..generation.config import GenerationConfig
+
         tok = b.processor.tokenizer
         prompt = tok.encode(body.prompt, add_bos=True)
         cfg = GenerationConfig(max_new_tokens=disc.tokens_per_image + 2, seed=body.seed,
@@ -394,6 +395,13 @@ def _user_error(e: OmniLMError) -> APIError:
     return APIError(400, " ".join(str(e).split()), code=code)
 
 
+def _generation_error(ev) -> APIError:
+    """A request the engine failed: the user's fault (bad media, shapes) is 400, anything else 500."""
+    if isinstance(ev.error, OmniLMError):
+        return _user_error(ev.error)
+    return APIError(500, f"generation failed: {type(ev.error).__name__}", "server_error")
+
+
 def _checked_ids(b, ids: list[int]) -> list[int]:
     """Token ids given by a client: inside the vocabulary, and never a media placeholder (no media here)."""
     vocab = b.processor.tokenizer.vocab_size
@@ -405,7 +413,7 @@ def _checked_ids(b, ids: list[int]) -> list[int]:
     return list(ids)
 
 
-def _config(b, body, n_prompt: int, max_tokens, logprobs, allow_zero=False) -> GenerationConfig:
+def _config(b, body, n_prompt: int, max_tokens, logprobs, allow_zero=False):
     room = b.context - n_prompt
     if room <= 0 or (not allow_zero and room < 1):
         raise APIError(400, f"the prompt has {n_prompt} tokens; this model's context is {b.context}",
@@ -417,20 +425,25 @@ def _config(b, body, n_prompt: int, max_tokens, logprobs, allow_zero=False) -> G
                        f"model's context of {b.context}", param="max_tokens", code="context_length_exceeded")  # fmt: skip
     if max_tokens == 0 and not allow_zero:
         raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
+    from ..generation.config import GenerationConfig
+
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return GenerationConfig(
-        max_new_tokens=max_tokens,
-        temperature=body.temperature if body.temperature is not None else 0.0,
-        top_k=body.top_k,
-        top_p=body.top_p,
-        min_p=body.min_p,
-        repetition_penalty=body.repetition_penalty,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        seed=body.seed,
-        stop_strings=tuple(stop),
-        logprobs=logprobs,
-    )
+    try:
+        return GenerationConfig(
+            max_new_tokens=max_tokens,
+            temperature=body.temperature if body.temperature is not None else 0.0,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            seed=body.seed,
+            stop_strings=tuple(stop),
+            logprobs=logprobs,
+        )
+    except OmniLMError as e:
+        raise _user_error(e) from None
 
 
 def _submit(b, prompt, media, cfg, loop, sink):
@@ -472,10 +485,8 @@ async def _choice(request, state, b, req, sink, cfg) -> dict:
     ids, events, finish = [], [], "length"
     async for ev in _events(request, req, sink, state, time.monotonic()):
         if ev.finish_reason == "error":
-            internal = not ev.error or ev.error.startswith("internal error")
-            raise APIError(500 if internal else 400, ev.error or "generation failed",
-                           "server_error" if internal else "invalid_request_error")  # fmt: skip
-        if ev.token is not None:
+            raise _generation_error(ev)
+        if ev.token is not None and ev.token not in b.eos_ids:  # the end token is not part of the answer
             text.push(ev.token)
             ids.append(ev.token)
             events.append(ev)
@@ -483,7 +494,7 @@ async def _choice(request, state, b, req, sink, cfg) -> dict:
                 finish = "stop"
                 break
         if ev.finish_reason is not None:
-            finish = ev.finish_reason
+            finish = "length" if ev.finish_reason == "length" else "stop"
     text.finish()
     state.metrics.tokens_out.inc(len(ids))
     return {"text": text.text, "ids": ids, "events": events, "finish": finish}
@@ -551,9 +562,7 @@ def _has_audio_head(b) -> bool:
 
 
 def _images_out(b, ids) -> list[str]:
-    from ..generation.spans import decode_media
-
-    images, _ = decode_media(b.model, ids, model_dir=b.model_dir)
+    images, _ = b.decode_media(ids)
     out = []
     for im in images:
         buf = io.BytesIO()
@@ -565,9 +574,7 @@ def _images_out(b, ids) -> list[str]:
 def _audio_out(b, ids, transcript) -> dict | None:
     import soundfile
 
-    from ..generation.spans import decode_media
-
-    _, waves = decode_media(b.model, ids, model_dir=b.model_dir)
+    _, waves = b.decode_media(ids)
     if not waves:
         return None
     buf = io.BytesIO()
@@ -630,7 +637,7 @@ async def _stream(request, state, b, body, prompt, media, cfg, chat: bool):
                 if ev.finish_reason == "error":
                     finish = "error"
                     break
-                if ev.token is not None:
+                if ev.token is not None and ev.token not in b.eos_ids:
                     count += 1
                     piece = text.push(ev.token)
                     lp = {"content": [_chat_logprob(b, ev)]} if chat and cfg.logprobs is not None else None
@@ -640,7 +647,7 @@ async def _stream(request, state, b, body, prompt, media, cfg, chat: bool):
                         finish = "stop"
                         break
                 if ev.finish_reason is not None:
-                    finish = ev.finish_reason
+                    finish = "length" if ev.finish_reason == "length" else "stop"
             if not text.stopped:
                 rest = text.finish()
                 if rest:

@@ -98,17 +98,19 @@ class TerminalChat:
         if room < 1:
             self.history.pop()
             raise MediaError(f"the conversation ({len(prompt)} tokens) fills the context; try /reset")
-        from dataclasses import replace
-
-        cfg = replace(self.cfg, max_new_tokens=min(self.cfg.max_new_tokens, room))
+        cfg = self.cfg.updated(max_new_tokens=min(self.cfg.max_new_tokens, room))
         stream = TextStream(self.backend.processor.tokenizer, cfg.stop_strings)
         ids = []
         req = self.backend.submit(prompt, cfg, media)
         try:
             for ev in req.events():
                 if ev.finish_reason == "error":
-                    raise OmniLMError(ev.error or "generation failed")
-                if ev.token is not None:
+                    raise (
+                        ev.error
+                        if isinstance(ev.error, OmniLMError)
+                        else OmniLMError(f"generation failed: {ev.error}")
+                    )
+                if ev.token is not None and ev.token not in self.backend.eos_ids:
                     ids.append(ev.token)
                     self.say(stream.push(ev.token), end="")
                     if stream.stopped:
@@ -124,9 +126,7 @@ class TerminalChat:
             return
         import soundfile
 
-        from ..generation.spans import decode_media
-
-        images, waves = decode_media(self.backend.model, ids, model_dir=self.backend.model_dir)
+        images, waves = self.backend.decode_media(ids)
         for im in images:
             self.written += 1
             path = self.media_dir / f"chat-{self.written}.png"
