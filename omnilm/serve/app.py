@@ -156,25 +156,34 @@ class State:
         self.load_error = None
         self.metrics = Metrics()
         self.started = time.time()
+        self._loading = None
+
+    def start_loading(self):
+        if self._loading is None:
+            self._loading = threading.Thread(target=self._load, name="omnilm-load", daemon=True)
+            self._loading.start()
+
+    def _load(self):
+        try:
+            self.backend = self.load() if callable(self.load) else self.load
+        except Exception as e:  # reported by /health and every route
+            self.load_error = f"{type(e).__name__}: {e}"
 
 
 def create_app(load, api_key=None, max_body: int = DEFAULT_MAX_BODY, allow_media_url=False,
-               allow_local_media=None, model_name: str = "omnilm") -> FastAPI:  # fmt: skip
-    """load: a callable returning a Backend (run in a thread at start-up), or a Backend."""
+               allow_local_media=None, model_name: str = "omnilm", load_on_startup: bool = True) -> FastAPI:  # fmt: skip
+    """load: a callable returning a Backend (run in a thread), or a Backend. load_on_startup=False:
+    the caller starts loading with `app.state.omnilm.start_loading()` (omnilm serve does, once the
+    socket listens, so the ~2 s torch import does not hold up the first /health answer)."""
     from contextlib import asynccontextmanager
 
     policy = MediaPolicy(allow_media_url, allow_local_media)
     state = State(load, api_key, max_body, policy, model_name)
 
-    def _load():
-        try:
-            state.backend = load() if callable(load) else load
-        except Exception as e:  # reported by /health and every route
-            state.load_error = f"{type(e).__name__}: {e}"
-
     @asynccontextmanager
     async def lifespan(app):
-        threading.Thread(target=_load, name="omnilm-load", daemon=True).start()
+        if load_on_startup:
+            state.start_loading()
         yield
         if state.backend is not None:
             await run_in_threadpool(state.backend.stop)
