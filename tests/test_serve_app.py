@@ -375,6 +375,12 @@ def test_poison_requests_fail_alone(demo_client):
     assert results[4].json()["choices"][0] == results[5].json()["choices"][0]
 
 
+def test_audio_out_needs_an_audio_head(demo_client):
+    body = {"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"], "max_tokens": 2}
+    r = demo_client.post("/v1/chat/completions", headers=AUTH, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "modalities"
+
+
 def test_completions_take_token_ids_like_lm_eval(demo_client):
     tok = demo_client.app.state.omnilm.backend.processor.tokenizer
     ids = tok.encode("draw a 7", add_bos=True)
