@@ -184,3 +184,14 @@ def test_without_a_template_the_built_in_format_applies():
     tok = TextTokenizer.default()
     ids, _, _ = render_chat_with_media([{"role": "user", "content": "hi"}], tok)
     assert ids[:2] == [tok.bos_token_id, tok.start_header_id]
+
+
+def test_template_globals_match_transformers(tmp_path):
+    template = (
+        "{% if tools is not none %}TOOLS{% endif %}{% if documents is defined %}D{% endif %}"
+        "{{ messages[0]['content'] | tojson }}{{ bos_token }}"
+    )
+    ours, hf = _checkpoint(tmp_path, template)
+    conv = [{"role": "user", "content": 'say "hi" <b>'}]
+    ids, _, _ = render_chat_with_media(conv, ours)
+    assert ids == _hf_ids(hf, conv, False)

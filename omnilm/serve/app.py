@@ -466,15 +466,18 @@ def _submit(b, prompt, media, cfg, loop, sink):
 
 async def _events(request: Request, req, sink: asyncio.Queue, state, t0):
     """Events of one engine request; the request is cancelled if the client goes away."""
-    first = True
+    first, checked = True, time.monotonic()
     try:
         while True:
             try:
                 ev = await asyncio.wait_for(sink.get(), timeout=0.5)
             except asyncio.TimeoutError:
+                ev = None
+            if time.monotonic() - checked >= 0.5:  # also while tokens flow: a long answer nobody reads
+                checked = time.monotonic()
                 if await request.is_disconnected():
-                    req.cancel()
                     return
+            if ev is None:
                 continue
             if first and ev.token is not None:
                 state.metrics.ttft.observe(time.monotonic() - t0)

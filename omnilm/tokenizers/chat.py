@@ -17,10 +17,10 @@ placeholders its encoder yields. Files are read with omnilm.processing.documents
 A checkpoint that carries its own Jinja `chat_template` (tokenizer_config.json or chat_template.jinja
 beside tokenizer.json) is rendered with it instead, the way transformers' `apply_chat_template` does:
 a sandboxed jinja2 environment with the same options and helpers, the rendered text tokenized with
-special tokens parsed, so the ids are the same as transformers'. Two differences, both for safety: a
-special-token string inside user text stays ordinary text (never a control or placeholder id), and
-the loss mask comes from `{% generation %}` blocks when the template has them, else from the
-assistant messages' text and the special token closing each.
+special tokens parsed, so the ids are the same as transformers'. Two differences: a special-token
+string inside user text stays ordinary text (never a control or placeholder id; such text reaches
+the template as a stand-in), and the loss mask comes from `{% generation %}` blocks when the template
+has them, else from the assistant messages' text and the special token closing each.
 """
 
 from __future__ import annotations
@@ -251,6 +251,8 @@ class ChatTemplate:
         import jinja2
 
         try:
+            # tools/documents are passed as None like transformers does, so `is none` tests agree
+            kwargs = {"tools": None, "documents": None, **kwargs}
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **kwargs
             )
@@ -267,10 +269,10 @@ class ChatTemplate:
         """
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ConfigError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        guarded: list[str] = []
+        specials = _added_tokens(tokenizer)
+        guarded = _Guards(specials)
         media: list = []
         msgs = [_template_message(m, i, media, guarded, load_file) for i, m in enumerate(messages)]
-        specials = _added_tokens(tokenizer)
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
             tok_id = getattr(tokenizer, name + "_id", None)
             if tok_id is not None and name not in kwargs:
@@ -300,10 +302,20 @@ def _plain(x):
     return None
 
 
-def _guard(text: str, guarded: list[str]) -> str:
-    """A stand-in for user text; its outer whitespace stays outside, so `| trim` acts as on the text."""
+class _Guards(list):
+    """The user texts replaced by stand-ins, and the pattern of the special-token strings."""
+
+    def __init__(self, specials):
+        super().__init__()
+        self.special_re = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
+
+
+def _guard(text: str, guarded: _Guards) -> str:
+    """User text as the template sees it: itself, unless it holds a special-token string; then a
+    stand-in (outer whitespace kept outside, so `| trim` acts as on the text) that is tokenized as
+    plain text after rendering. Only such text can render differently from transformers."""
     core = text.strip()
-    if not core:
+    if not core or guarded.special_re is None or not guarded.special_re.search(text):
         return text
     guarded.append(core)
     start = text.index(core)
@@ -358,6 +370,7 @@ def _mark_assistant(text: str, msgs, specials) -> str:
         if isinstance(content, list):
             pieces = [p["text"] for p in content if p.get("type") == "text"]
         for piece in pieces:
+            piece = piece.strip() if piece else piece
             at = text.find(piece, pos) if piece else -1
             if at < 0:
                 continue
