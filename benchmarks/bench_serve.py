@@ -78,6 +78,15 @@ def start(cmd, port, timeout=180):
 
 
 async def one_request(client, url, model, max_tokens, prompt):
+    import httpx
+
+    try:
+        return await _one_request(client, url, model, max_tokens, prompt)
+    except httpx.HTTPError:  # a dropped connection counts as a failed request
+        return None
+
+
+async def _one_request(client, url, model, max_tokens, prompt):
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True}  # fmt: skip
     t0 = time.perf_counter()
@@ -127,35 +136,42 @@ def main():
     ap.add_argument("--requests", type=int, default=1, help="requests per client, one after another")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-batch", type=int, default=16, help="omnilm serve --max-batch")
     ap.add_argument("--servers", nargs="+", default=["omnilm", "transformers"])
     args = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
     model_dir = Path(args.model) if args.model else make_checkpoint(Path(tmp.name) / "llama")
     exe = Path(sys.executable).parent
-    rows = []
-    for name in args.servers:
-        port = free_port()
-        if name == "omnilm":
-            cmd = [sys.executable, "-m", "omnilm", "serve", "--model", str(model_dir), "--port", str(port),
-                   "--device", args.device, "--max-queue", "256"]  # fmt: skip
-            served = model_dir.name
-        else:
-            cmd = [str(exe / "transformers"), "serve", str(model_dir), "--port", str(port), "--continuous-batching",
-                   "--device", args.device]  # fmt: skip
-            served = str(model_dir)
-        proc, problem = start(cmd, port)
-        try:
+    servers, procs = {}, []
+    try:
+        # Both servers up at once, levels interleaved (omnilm, transformers, next level): load from other
+        # jobs on the machine drifts, and interleaving spreads it over both alike. An idle server sleeps.
+        for name in args.servers:
+            port = free_port()
+            if name == "omnilm":
+                cmd = [sys.executable, "-m", "omnilm", "serve", "--model", str(model_dir), "--port", str(port),
+                       "--device", args.device, "--max-queue", "256", "--max-batch", str(args.max_batch)]  # fmt: skip
+                served = model_dir.name
+            else:
+                cmd = [str(exe / "transformers"), "serve", str(model_dir), "--port", str(port),
+                       "--continuous-batching", "--device", args.device]  # fmt: skip
+                served = str(model_dir)
+            proc, problem = start(cmd, port)
+            procs.append(proc)
             if problem:
                 print(f"{name}: not measured ({problem.strip()})")
                 continue
-            base = f"http://127.0.0.1:{port}"
-            asyncio.run(level(base, served, 1, 1, 4))  # warm-up
-            for c in args.clients:
+            servers[name] = (f"http://127.0.0.1:{port}", served)
+            asyncio.run(level(*servers[name], 1, 1, 4))  # warm-up
+        rows = []
+        for c in args.clients:
+            for name, (base, served) in servers.items():
                 r = asyncio.run(level(base, served, c, args.requests, args.max_tokens))
                 rows.append((name, c, r))
                 print(f"{name} clients={c}: {r}", flush=True)
-        finally:
+    finally:
+        for proc in procs:
             proc.terminate()
             proc.wait(30)
 
