@@ -61,13 +61,16 @@ def free_port() -> int:
 
 def start(cmd, port, timeout=180):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the log goes to a file: a pipe nobody reads fills up and stalls a chatty server mid-run
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     import httpx
 
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
-            return proc, f"exited: {proc.stderr.read()[-300:]}"
+            log.seek(0)
+            return proc, f"exited: {log.read()[-300:]}"
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc, None

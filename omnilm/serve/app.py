@@ -257,7 +257,8 @@ def create_app(load, api_key=None, max_body: int = DEFAULT_MAX_BODY, allow_media
         if body.modalities and "audio" in body.modalities and not _has_audio_head(b):
             raise APIError(400, "this model does not generate audio", param="modalities")
         try:
-            messages = to_parts(body.messages, state.policy)
+            # base64 and media decoding are CPU work: off the event loop
+            messages = await run_in_threadpool(to_parts, body.messages, state.policy)
             batch = await run_in_threadpool(render, b.processor, messages)
         except OmniLMError as e:
             raise _user_error(e) from None
