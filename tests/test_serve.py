@@ -39,20 +39,21 @@ def _health(port):
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMNILM_API_KEY": KEY}
+    log = tmp_path_factory.mktemp("server") / "log.txt"
     proc = subprocess.Popen(
         [sys.executable, "-m", "omnilm", "serve", "--model", "demo", "--port", str(port), "--max-queue", "8"],
         env=env,
-        stderr=subprocess.PIPE,
-        text=True,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
     )
-    deadline = time.time() + 60
+    deadline = time.time() + 90
     while _health(port) != 200:
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            pytest.fail(f"server did not start: {proc.stderr.read()}")
+            pytest.fail(f"server did not start: {log.read_text()[-2000:]}")
         time.sleep(0.05)
     yield proc, port
     if proc.poll() is None:
