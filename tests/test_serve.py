@@ -38,13 +38,12 @@ def _health(port):
         return None
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _start(tmp_path_factory, *flags):
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMNILM_API_KEY": KEY}
     log = tmp_path_factory.mktemp("server") / "log.txt"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "omnilm", "serve", "--model", "demo", "--port", str(port), "--max-queue", "8"],
+        [sys.executable, "-m", "omnilm", "serve", "--model", "demo", "--port", str(port), *flags],
         env=env,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
@@ -55,6 +54,12 @@ def server(tmp_path_factory):
             proc.kill()
             pytest.fail(f"server did not start: {log.read_text()[-2000:]}")
         time.sleep(0.05)
+    return proc, port
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, port = _start(tmp_path_factory, "--max-queue", "8")
     yield proc, port
     if proc.poll() is None:
         proc.kill()
@@ -238,3 +243,40 @@ def test_client_disconnect_cancels_and_sigterm_drains(server, client):
     t.join(60)
     assert result["r"].choices[0].finish_reason in ("stop", "length")
     assert proc.wait(30) == 0
+
+
+@pytest.mark.slow
+def test_backpressure_on_the_real_engine(tmp_path_factory):
+    """Twice the capacity (2 running + 2 waiting) at once: the excess gets 429 with Retry-After, nothing
+    5xx, and the server answers normally afterwards."""
+    proc, port = _start(tmp_path_factory, "--max-queue", "2", "--max-batch", "2")
+    try:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=120
+        )
+        outcomes = []
+
+        def one():
+            try:
+                client.chat.completions.create(
+                    model="demo", messages=[{"role": "user", "content": "draw a 4"}], max_tokens=40
+                )
+                outcomes.append(200)
+            except openai.RateLimitError as e:
+                outcomes.append((429, e.response.headers.get("retry-after")))
+            except openai.APIStatusError as e:
+                outcomes.append(e.status_code)
+
+        for _ in range(3):
+            threads = [threading.Thread(target=one) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        assert all(o == 200 or o == (429, "1") for o in outcomes), outcomes
+        assert len(outcomes) == 24 and outcomes.count(200) >= 4 and outcomes.count((429, "1")) >= 3
+        r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "draw a 4"}])
+        assert r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
