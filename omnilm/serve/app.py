@@ -89,6 +89,22 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        t0, status = time.monotonic(), [500]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_counted)
+        finally:  # counted when the response ends (a stream: its last chunk)
+            route = scope.get("route")
+            name = route.path if route is not None else "unrouted"
+            self.state.metrics.requests.labels(name, str(status[0])).inc()
+            self.state.metrics.latency.labels(name).observe(time.monotonic() - t0)
+
+    async def _guarded(self, scope, receive, send):
         path = scope["path"]
         key = self.state.api_key
         if key and path not in OPEN_ROUTES and not _key_ok(scope, key):
@@ -199,16 +215,6 @@ def create_app(load, api_key=None, max_body: int = DEFAULT_MAX_BODY, allow_media
     @app.exception_handler(Exception)
     async def _internal(request, e):
         return _error_response(APIError(500, f"internal error: {type(e).__name__}", "server_error"))
-
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        t0 = time.monotonic()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        name = route.path if route is not None else "other"
-        state.metrics.requests.labels(name, str(response.status_code)).inc()
-        state.metrics.latency.labels(name).observe(time.monotonic() - t0)
-        return response
 
     def backend():
         if state.load_error:
