@@ -220,6 +220,23 @@ def test_errors_in_openai_shape(client, server):
     assert e.value.body["code"] == "context_length_exceeded"
 
 
+def test_a_model_that_does_not_load_is_one_error_line_and_exit_2(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "omnilm",
+        "serve",
+        "--model",
+        str(tmp_path / "nope"),
+        "--port",
+        str(_free_port()),
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such checkpoint directory"]
+
+
 def test_client_disconnect_cancels_and_sigterm_drains(server, client):
     """Last in this file: a stream the client drops is cancelled; SIGTERM lets a running request
     finish, then the process exits 0."""
