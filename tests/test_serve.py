@@ -176,6 +176,15 @@ def test_stop_n_seed_logprobs(client, inputs):
         assert t.logprob <= 0 and len(t.top_logprobs) == 3
         assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
         assert t.token == t.top_logprobs[0].token  # greedy: the chosen token is the best one
+    chunks = client.chat.completions.create(
+        model="demo", messages=messages, max_tokens=8, logprobs=True, top_logprobs=1, stream=True
+    )
+    streamed = [
+        t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content
+    ]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [
+        (t.token, round(t.logprob, 4)) for t in content
+    ]
 
 
 def test_completions_echo_logprobs_for_loglikelihood(client):

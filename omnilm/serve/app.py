@@ -477,9 +477,12 @@ async def _events(request: Request, req, sink: asyncio.Queue, state, t0):
     try:
         while True:
             try:
-                ev = await asyncio.wait_for(sink.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                ev = None
+                ev = sink.get_nowait()  # the common case under load: no waiting task to create
+            except asyncio.QueueEmpty:
+                try:
+                    ev = await asyncio.wait_for(sink.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    ev = None
             if time.monotonic() - checked >= 0.5:  # also while tokens flow: a long answer nobody reads
                 checked = time.monotonic()
                 if await request.is_disconnected():
@@ -648,7 +651,15 @@ async def _stream(request, state, b, body, prompt, media, cfg, chat: bool):
         from ..generation.text import TextStream
 
         text = TextStream(b.processor.tokenizer, cfg.stop_strings)
-        finish, count = "length", 0
+        finish, count, piece, lps = "length", 0, "", []
+
+        async def flush():
+            nonlocal piece, lps
+            if piece or lps:
+                lp = {"content": lps} if lps else None
+                await out.put(chunk(index, {"content": piece}, text=piece, logprobs=lp))
+            piece, lps = "", []
+
         if chat:
             await out.put(chunk(index, {"role": "assistant", "content": ""}))
         try:
@@ -658,19 +669,19 @@ async def _stream(request, state, b, body, prompt, media, cfg, chat: bool):
                     break
                 if ev.token is not None and ev.token not in b.eos_ids:
                     count += 1
-                    piece = text.push(ev.token)
-                    lp = {"content": [_chat_logprob(b, ev)]} if chat and cfg.logprobs is not None else None
-                    if piece or lp:
-                        await out.put(chunk(index, {"content": piece}, text=piece, logprobs=lp))
+                    piece += text.push(ev.token)
+                    if chat and cfg.logprobs is not None:
+                        lps.append(_chat_logprob(b, ev))
                     if text.stopped:
                         finish = "stop"
                         break
                 if ev.finish_reason is not None:
                     finish = "length" if ev.finish_reason == "length" else "stop"
+                elif sink.qsize() == 0:  # tokens that are already waiting go out in one chunk
+                    await flush()
             if not text.stopped:
-                rest = text.finish()
-                if rest:
-                    await out.put(chunk(index, {"content": rest}, text=rest))
+                piece += text.finish()
+            await flush()
             await out.put(chunk(index, {}, finish=finish))
         finally:
             state.metrics.tokens_out.inc(count)
