@@ -5,8 +5,8 @@
 Without --model a small random Llama (transformers' LlamaForCausalLM, OmniLM's tokenizer and a Llama-3
 shaped chat template) is written to a temporary directory, so both servers read the same files.
 Each level starts `clients` streaming chat requests at once (each client `--requests` in a row) and
-reports completion tokens/s over the level's wall time, p50/p99 time to first token and inter-token
-latency. A server that does not start (transformers serve needs its extras) is reported, not fatal.
+reports completion tokens/s over the level's wall time (tokens from the usage chunk), p50/p99 time to
+first token and of each request's mean inter-token latency. A server that does not start (transformers serve needs its extras) is reported, not fatal.
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ async def one_request(client, url, model, max_tokens, prompt):
 
 async def _one_request(client, url, model, max_tokens, prompt):
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}  # fmt: skip
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.perf_counter()
-    stamps = []
+    stamps, usage = [], None
     async with client.stream("POST", url, json=body) as r:
         if r.status_code != 200:
             return None
@@ -101,12 +101,17 @@ async def _one_request(client, url, model, max_tokens, prompt):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
             for c in chunk.get("choices", []):
                 if (c.get("delta") or {}).get("content"):
                     stamps.append(time.perf_counter())
     if not stamps:
-        return {"tokens": 0, "ttft": None, "itl": []}
-    return {"tokens": len(stamps), "ttft": stamps[0] - t0, "itl": list(np.diff(stamps))}
+        return {"tokens": 0, "ttft": None, "itl": None}
+    # A server may send several tokens in one chunk: count tokens by the usage chunk when there is one,
+    # and take inter-token latency per request, (last chunk - first chunk) / (tokens - 1).
+    tokens = (usage or {}).get("completion_tokens") or len(stamps)
+    itl = (stamps[-1] - stamps[0]) / (tokens - 1) if tokens > 1 else None
+    return {"tokens": tokens, "ttft": stamps[0] - t0, "itl": itl}
 
 
 async def level(base, model, clients, requests, max_tokens):
@@ -126,7 +131,7 @@ async def level(base, model, clients, requests, max_tokens):
     ok = [r for r in results if r is not None]
     tokens = sum(r["tokens"] for r in ok)
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
-    itl = [x for r in ok for x in r["itl"]]
+    itl = [r["itl"] for r in ok if r["itl"] is not None]
     pct = lambda xs, q: float(np.percentile(xs, q)) * 1000 if xs else float("nan")  # noqa: E731
     return {"tok_s": tokens / wall, "ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99), "itl50": pct(itl, 50),
             "itl99": pct(itl, 99), "failed": len(results) - len(ok)}  # fmt: skip
