@@ -30,7 +30,7 @@ PAGE = r"""<!doctype html>
   .user { background: #4a90e222; margin-left: auto; }
   .assistant { background: #8882; }
   .error { background: #e4444433; }
-  .msg img { display: block; max-width: 12rem; image-rendering: pixelated; margin-top: .25rem; }
+  .msg img { display: block; width: 6rem; image-rendering: pixelated; margin-top: .25rem; }
   #prompt { flex: 1; min-width: 12rem; font: inherit; padding: .4rem; }
   label { font-size: .9rem; }
   button:focus-visible, input:focus-visible, textarea:focus-visible { outline: 3px solid #4a90e2; }
@@ -146,7 +146,14 @@ async function send(text) {
   $("attach").value = "";
   $("attached").textContent = "";
   const content = parts.length ? [...parts, { type: "text", text }] : text;
-  bubble("user", text + (parts.length ? "  [" + parts.length + " attachment(s)]" : ""));
+  const mine = bubble("user", text + (parts.length ? "  [" + parts.length + " attachment(s)]" : ""));
+  for (const p of parts) {
+    if (p.type !== "image_url") continue;
+    const img = document.createElement("img");
+    img.src = p.image_url.url;
+    img.alt = "attached image";
+    mine.appendChild(img);
+  }
   history.push({ role: "user", content });
   const out = bubble("assistant", "");
   out.setAttribute("aria-busy", "true");
