@@ -275,7 +275,7 @@ _sampling = {
     "repetition_penalty": st.one_of(st.floats(-1, 3), _junk),
     "bogus_field": _junk,
 }
-_settings = hypothesis.settings(max_examples=50, deadline=None, derandomize=True,
+_settings = hypothesis.settings(max_examples=50, deadline=None, derandomize=True, database=None,
                                 suppress_health_check=list(hypothesis.HealthCheck))  # fmt: skip
 
 
