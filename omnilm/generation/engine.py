@@ -316,8 +316,7 @@ class Engine:
             req.processors.append(penalties)
         if disc is not None:
             req.spans = SpanController.from_prompt(disc, ids)
-            state, left = req.spans.prompt_states[0]
-            if state == IMAGE_CODES and left >= req.max_new:
+            if req.spans.state == IMAGE_CODES and req.spans.left >= req.max_new:
                 req.only = "image"
             if cfg.guided:
                 uncond = req.uncond_ids or null_prompt(disc, ids, dec.bos_token_id)[0]
@@ -509,7 +508,7 @@ class Engine:
             logits = logits.float()
             if cfg.guided:
                 guided = guide(logits, rows[1].float(), cfg.guidance_scale)
-                logits = guided if req.only else torch.where(req.spans.in_image[:, None], guided, logits)
+                logits = guided if req.only or req.spans.in_image else logits
         elif cfg.guided:
             logits = guide(logits.float(), rows[1].float(), cfg.guidance_scale)
         raw = logits
@@ -534,7 +533,7 @@ class Engine:
         for p in req.processors:
             p.update(t)
         if req.spans is not None:
-            req.spans.update(t)
+            req.spans.update(token)
         req.output.append(token)
         if token in req.eos:
             ev.finish_reason = "stop"
