@@ -121,6 +121,26 @@ def cmd_convert(args):
     print(f"wrote {args.out} ({type(model).__name__}, format {model.hf_format})")
 
 
+def cmd_quantize(args):
+    import omnilm
+
+    from .convert.hf import checkpoint_dir
+    from .quant import quantize_model
+    from .quant.io import save_quantized
+
+    source = checkpoint_dir(omnilm._resolve(args.model))
+    model = omnilm.load(source, dtype=args.dtype)
+    names = quantize_model(model, args.scheme, group_size=args.group_size, encoders=args.encoders)
+    size = save_quantized(model, args.out, source=source)
+    print(f"wrote {args.out} ({args.scheme}, {len(names)} linear layers, {size:,} bytes of weights)")
+
+
+def cmd_eval(args):
+    from .eval import cmd_eval as run
+
+    run(args)
+
+
 def cmd_train(args):
     from .training.loop import cmd_train as run
 
@@ -244,6 +264,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default=None)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="write a low-bit copy of a model (compressed-tensors layout)")
+    p.add_argument("--model", required=True, help="model directory, or 'demo' for the bundled checkpoint")
+    p.add_argument("--scheme", required=True, help="int8, int4, fp8, nvfp4 or mxfp4")
+    p.add_argument("--group-size", type=_positive_int, default=None, help="int4 group: 32, 64 or 128")
+    p.add_argument("--encoders", action="store_true", help="quantize the vision/audio encoders too")
+    p.add_argument("--dtype", default=None, help="dtype of the unquantized parts and the scales")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity of a text file, or exact-match accuracy of a task file")
+    p.add_argument("--model", required=True, help="model directory, or 'demo' for the bundled checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="UTF-8 text file: strided perplexity")
+    src.add_argument("--tasks", help="JSONL: {prompt, answer, image?, audio?, file?} per line")
+    p.add_argument("--context", type=_positive_int, default=None, help="window (default: the model's)")
+    p.add_argument("--stride", type=_positive_int, default=None, help="default: half the window")
+    p.add_argument("--quantize", default=None, help="quantize on the fly with this scheme")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="train from a YAML config")
     p.add_argument("--config", required=True)
