@@ -157,7 +157,11 @@ def quantize_weight(scheme: Scheme, w: torch.Tensor) -> dict[str, torch.Tensor]:
         scale = (global_scale * amax / FP4_MAX).clamp(max=FP8_MAX).to(FP8)
         eff = _nonzero(scale.float() / global_scale)
         codes = fp4_encode(wg / eff[..., None]).reshape(n, k)
-        return {"weight_packed": pack_nibbles(codes), "weight_scale": scale, "weight_global_scale": global_scale}
+        return {
+            "weight_packed": pack_nibbles(codes),
+            "weight_scale": scale,
+            "weight_global_scale": global_scale,
+        }
     # mxfp4 (OCP MX): shared exponent floor(log2(amax)) - 2, where 2 is the e2m1 largest exponent
     exp = torch.floor(torch.log2(_nonzero(amax))) - 2
     exp = exp.clamp(-127, 127)

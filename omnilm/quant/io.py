@@ -3,7 +3,8 @@ tensors) with `quantization_config` in its config, and load one back (ours, or o
 in a format we run) by swapping QuantLinear in on the meta device before the tensors are assigned.
 
 A Llama model is written as a Hugging Face Llama directory (config.json, what vLLM and transformers
-read); other models in the OmniLM format with the same `quantization_config` in omnilm_config.json.
+read); other models in the OmniLM format, with the same dict in quantization_config.json beside
+omnilm_config.json (which stays a plain ModelConfig that processors and tools read).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..config import ModelConfig
@@ -34,19 +34,23 @@ from ..errors import CheckpointError, ConfigError
 from .formats import SCHEMES, Scheme, get_scheme
 from .linear import QuantLinear, quant_modules
 
-WEIGHT_FILES = re.compile(r"(model.*\.safetensors|model\.safetensors\.index\.json|config\.json|omnilm_config\.json)$")
+QUANT_CONFIG = "quantization_config.json"  # OmniLM-format directories
+# what save_pretrained writes; everything else in the source directory (tokenizer, processor, media
+# tokenizers) is copied along
+WEIGHT_FILES = re.compile(
+    r"(model.*\.safetensors|model\.safetensors\.index\.json|(omnilm_|quantization_)?config\.json)$"
+)
 
 
 def is_quantized_dir(path) -> bool:
     path = Path(path)
-    for name in ("config.json", OMNILM_CONFIG):
-        f = path / name
-        if f.is_file():
-            try:
-                return "quantization_config" in json.loads(f.read_text())
-            except json.JSONDecodeError:
-                return False  # read_config reports it
-    return False
+    if (path / QUANT_CONFIG).is_file():
+        return True
+    f = path / "config.json"
+    try:
+        return f.is_file() and "quantization_config" in json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return False  # read_config reports it
 
 
 def _file_prefix(model) -> str:
@@ -60,7 +64,9 @@ def quantization_config(model: nn.Module) -> dict:
     mods = quant_modules(model)
     schemes = {m.scheme for m in mods.values()}
     if len(schemes) != 1:
-        raise ConfigError(f"save_quantized: expected one quantization scheme in the model, found {len(schemes)}")
+        raise ConfigError(
+            f"save_quantized: expected one quantization scheme in the model, found {len(schemes)}"
+        )
     scheme = schemes.pop()
     prefix = _file_prefix(model)
     ignore = [n.removeprefix(prefix) for n, m in model.named_modules() if type(m) is nn.Linear]
@@ -96,10 +102,12 @@ def save_quantized(model: nn.Module, out, source=None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_pretrained(model, tmp)
-        cfg_file = tmp / ("config.json" if (tmp / "config.json").is_file() else OMNILM_CONFIG)
-        cfg = json.loads(cfg_file.read_text())
-        cfg["quantization_config"] = qc
-        cfg_file.write_text(json.dumps(cfg, indent=2))
+        if (tmp / "config.json").is_file():
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["quantization_config"] = qc
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        else:
+            (tmp / QUANT_CONFIG).write_text(json.dumps(qc, indent=2))
         if source is not None:
             for f in Path(source).iterdir():
                 if WEIGHT_FILES.match(f.name) or f.name.startswith("."):
@@ -133,11 +141,13 @@ def scheme_from_config(qc: dict, source: str) -> tuple[Scheme, list[str], list[s
         )
     status = qc.get("quantization_status", "compressed")
     if status != "compressed":
-        raise CheckpointError(f"{where}.quantization_status {status!r} is not supported (expected 'compressed')")
+        raise CheckpointError(
+            f"{where}.quantization_status {status!r} is not supported (expected 'compressed')"
+        )
     groups = qc.get("config_groups") or {}
     if len(groups) != 1:
         raise CheckpointError(f"{where}.config_groups: expected one group, found {len(groups)}")
-    (gname, group), = groups.items()
+    ((gname, group),) = groups.items()
     w = group.get("weights") or {}
     key = f"{where}.config_groups.{gname}.weights"
     if not w.get("symmetric", True):
@@ -162,7 +172,9 @@ def scheme_from_config(qc: dict, source: str) -> tuple[Scheme, list[str], list[s
         raise CheckpointError(f"{key}.group_size: {e}") from None
     fmt = group.get("format") or qc.get("format")
     if fmt != scheme.format:
-        raise CheckpointError(f"{where}.format {fmt!r} is not supported for {name} (expected {scheme.format!r})")
+        raise CheckpointError(
+            f"{where}.format {fmt!r} is not supported for {name} (expected {scheme.format!r})"
+        )
     inputs = group.get("input_activations")
     if inputs and not inputs.get("dynamic"):
         raise CheckpointError(
@@ -186,7 +198,13 @@ def load_quantized(path, device=None, dtype=None):
 
     path = checkpoint_dir(path)
     cfg_json = dict(read_config(path))
-    qc = cfg_json.pop("quantization_config")
+    if (path / QUANT_CONFIG).is_file():
+        try:
+            qc = json.loads((path / QUANT_CONFIG).read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path / QUANT_CONFIG}: not valid JSON ({e})") from None
+    else:
+        qc = cfg_json.pop("quantization_config")
     scheme, targets, ignore = scheme_from_config(qc, str(path))
     if (path / OMNILM_CONFIG).is_file() and not (path / "config.json").is_file():
         cfg, fmt = ModelConfig.from_dict(cfg_json), "omnilm"
@@ -212,7 +230,9 @@ def load_quantized(path, device=None, dtype=None):
         state, module = llama_state_from_hf(state, cfg.decoder), model.language_model
     else:
         if cfg.decoder.tie_embeddings and "language_model.model.embed_tokens.weight" in state:
-            state.setdefault("language_model.lm_head.weight", state["language_model.model.embed_tokens.weight"])
+            state.setdefault(
+                "language_model.lm_head.weight", state["language_model.model.embed_tokens.weight"]
+            )
         module = model
     quant_keys = {
         f"{n.removeprefix('language_model.') if fmt == 'llama' else n}.{b}"
@@ -220,7 +240,9 @@ def load_quantized(path, device=None, dtype=None):
         for b, _ in m.named_buffers(recurse=False)
     }
     if dtype is not None:  # the quantized tensors and their scales stay as stored
-        state = {k: v.to(dtype) if v.is_floating_point() and k not in quant_keys else v for k, v in state.items()}
+        state = {
+            k: v.to(dtype) if v.is_floating_point() and k not in quant_keys else v for k, v in state.items()
+        }
     load_strict(module, state, source=str(path), device=device)
     for m in quant_modules(model).values():
         if m.bias is not None:

@@ -83,7 +83,10 @@ class QuantLinear(nn.Module):
             name = self.scheme.name
             if name == "int8" and x.device.type == "cpu":
                 scale = self.weight_scale.reshape(-1).to(x.dtype)
-                y, self.path = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, scale), "int8pack"
+                y, self.path = (
+                    torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, scale),
+                    "int8pack",
+                )
             elif name == "int4":
                 y = self._int4(x2)
             elif name == "fp8" and x.device.type == "cuda":
