@@ -13,9 +13,18 @@ from .errors import OmniLMError
 
 
 def cmd_plan(args):
-    from .plan import format_plan, plan_preset
+    from .plan import format_plan, parse_bytes, plan_preset
 
-    p = plan_preset(args.preset, seq_len=args.seq_len, tokens=args.tokens, gpus=args.gpus, mfu=args.mfu)
+    gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem else None
+    p = plan_preset(
+        args.preset,
+        seq_len=args.seq_len,
+        tokens=args.tokens,
+        gpus=args.gpus,
+        mfu=args.mfu,
+        gpu_mem=gpu_mem,
+        context=args.context,
+    )
     print(json.dumps(p) if args.json else format_plan(p))
 
 
@@ -131,8 +140,10 @@ def cmd_quantize(args):
     source = checkpoint_dir(omnilm._resolve(args.model))
     model = omnilm.load(source, dtype=args.dtype)
     names = quantize_model(model, args.scheme, group_size=args.group_size, encoders=args.encoders)
-    size = save_quantized(model, args.out, source=source)
-    print(f"wrote {args.out} ({args.scheme}, {len(names)} linear layers, {size:,} bytes of weights)")
+    tensors, files = save_quantized(model, args.out, source=source)
+    print(
+        f"wrote {args.out} ({args.scheme}, {len(names)} linear layers, {tensors:,} B of tensors, {files:,} B of files)"
+    )
 
 
 def cmd_eval(args):
@@ -229,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gpus", type=_positive_int, default=8)
     p.add_argument("--mfu", type=_fraction, default=0.4)
+    p.add_argument("--gpu-mem", default=None, help="e.g. 141GB: per quantization scheme, do weights + KV fit")
+    p.add_argument("--context", type=_positive_int, default=None, help="KV context for --gpu-mem")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("generate", help="generate text (and images/audio) from a prompt with media")

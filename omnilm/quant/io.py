@@ -92,7 +92,8 @@ def quantization_config(model: nn.Module) -> dict:
 def save_quantized(model: nn.Module, out, source=None) -> int:
     """Write the quantized model to `out` through a temporary directory renamed into place at the end
     (a failure leaves no half-written `out`), copying the tokenizer, processor and media tokenizer files
-    of `source`. Returns the bytes of the weight files."""
+    of `source`. Returns (tensor bytes, file bytes) of the weight files; the difference is the
+    safetensors JSON headers."""
     out = Path(out)
     qc = quantization_config(model)
     if model.hf_format not in ("llama", "omnilm"):  # LLaVA and friends keep our module names
@@ -125,7 +126,15 @@ def save_quantized(model: nn.Module, out, source=None) -> int:
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return sum(f.stat().st_size for f in out.glob("model*.safetensors"))
+    files = list(out.glob("model*.safetensors"))
+    return sum(tensor_bytes(f) for f in files), sum(f.stat().st_size for f in files)
+
+
+def tensor_bytes(f: Path) -> int:
+    """Bytes of tensor data in a safetensors file: its size less the 8-byte length and the JSON header."""
+    with open(f, "rb") as fh:
+        header = int.from_bytes(fh.read(8), "little")
+    return f.stat().st_size - 8 - header
 
 
 # ---- loading ----------------------------------------------------------------------------------------------
