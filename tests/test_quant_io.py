@@ -114,7 +114,7 @@ def test_failed_write_leaves_no_directory(tmp_path, monkeypatch):
         (path / "model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(qio, "save_pretrained", boom)
+    monkeypatch.setattr(qio, "save_llama", boom)
     with pytest.raises(OSError, match="disk full"):
         save_quantized(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

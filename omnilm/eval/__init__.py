@@ -12,19 +12,18 @@ __all__ = ["strided_perplexity", "read_tasks", "task_accuracy", "cmd_eval"]
 
 
 def cmd_eval(args):
-    import omnilm
-
+    from ..api import load, load_processor, resolve
     from ..convert.hf import checkpoint_dir
     from ..errors import ConfigError
 
-    model_dir = checkpoint_dir(omnilm._resolve(args.model))
-    processor = omnilm.load_processor(model_dir)
+    model_dir = checkpoint_dir(resolve(args.model))
+    processor = load_processor(model_dir)
     if args.text:
         try:
             text = open(args.text, encoding="utf-8").read()
         except UnicodeDecodeError as e:
             raise ConfigError(f"{args.text}: not UTF-8 text ({e})") from None
-        model = omnilm.load(model_dir, quantize=args.quantize)
+        model = load(model_dir, quantize=args.quantize)
         context = args.context or model.config.decoder.max_seq_len
         ids = processor.tokenizer.encode(text, add_bos=True)
         result = {
@@ -35,7 +34,7 @@ def cmd_eval(args):
         line = f"perplexity {result['perplexity']:.4f} over {result['tokens']:,} tokens ({result['windows']} windows)"
     else:
         tasks = read_tasks(args.tasks)
-        model = omnilm.load(model_dir, quantize=args.quantize)
+        model = load(model_dir, quantize=args.quantize)
         meta = model_dir / "processor_config.json"
         fmt = json.loads(meta.read_text()).get("prompt_format", "plain") if meta.is_file() else "plain"
         result = {"tasks": args.tasks, **task_accuracy(model, processor, tasks, args.max_new_tokens, fmt)}

@@ -28,7 +28,8 @@ from ..convert.hf import (
     read_config,
     read_state_dict,
     retie,
-    save_pretrained,
+    save_llama,
+    save_omnilm,
 )
 from ..errors import CheckpointError, ConfigError
 from .formats import SCHEMES, Scheme, get_scheme
@@ -53,9 +54,15 @@ def is_quantized_dir(path) -> bool:
         return False  # read_config reports it
 
 
-def _file_prefix(model) -> str:
-    """What OmniLM module names lose in the file: a Llama directory is LlamaForCausalLM's names."""
-    return "language_model." if model.hf_format == "llama" else ""
+def _file_format(model) -> str:
+    """A plain decoder is written as a Hugging Face Llama directory, anything else (LLaVA-shaped too: its
+    converter does not know QuantLinear) in the OmniLM format."""
+    return "llama" if model.config.hf_format == "llama" else "omnilm"
+
+
+def _file_prefix(fmt: str) -> str:
+    """What OmniLM module names lose in the file: a Llama directory has LlamaForCausalLM's names."""
+    return "language_model." if fmt == "llama" else ""
 
 
 def quantization_config(model: nn.Module) -> dict:
@@ -68,7 +75,7 @@ def quantization_config(model: nn.Module) -> dict:
             f"save_quantized: expected one quantization scheme in the model, found {len(schemes)}"
         )
     scheme = schemes.pop()
-    prefix = _file_prefix(model)
+    prefix = _file_prefix(_file_format(model))
     ignore = [n.removeprefix(prefix) for n, m in model.named_modules() if type(m) is nn.Linear]
     return {
         "quant_method": "compressed-tensors",
@@ -94,15 +101,17 @@ def save_quantized(model: nn.Module, out, source=None) -> int:
     (a failure leaves no half-written `out`), copying the tokenizer, processor and media tokenizer files
     of `source`. Returns (tensor bytes, file bytes) of the weight files; the difference is the
     safetensors JSON headers."""
+    from ..models.omni import OmniModel
+
+    if type(model) is not OmniModel:  # family models (Qwen2-Audio, Emu3) have their own converters
+        raise ConfigError(f"save_quantized: {type(model).__name__} models cannot be written quantized yet")
     out = Path(out)
     qc = quantization_config(model)
-    if model.hf_format not in ("llama", "omnilm"):  # LLaVA and friends keep our module names
-        model.hf_format = "omnilm"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_pretrained(model, tmp)
+        (save_llama if _file_format(model) == "llama" else save_omnilm)(model, tmp)
         if (tmp / "config.json").is_file():
             cfg = json.loads((tmp / "config.json").read_text())
             cfg["quantization_config"] = qc
@@ -226,8 +235,7 @@ def load_quantized(path, device=None, dtype=None):
         )
     with init_empty_weights():
         model = OmniModel(cfg)
-    model.hf_format = fmt
-    prefix = _file_prefix(model)
+    prefix = _file_prefix(fmt)
     for name, m in list(model.named_modules()):
         file_name = name.removeprefix(prefix)
         if type(m) is nn.Linear and _matches(file_name, targets, m) and not _matches(file_name, ignore, m):
