@@ -152,3 +152,21 @@ def test_cli_quantize_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_demo_with_encoders_round_trips(tmp_path):
+    model = omnilm.load("demo")
+    names = quantize_model(model, "int8", encoders=True)
+    assert any(n.startswith("vision_tower.") for n in names) and any(
+        n.startswith("audio_tower.") for n in names
+    )
+    save_quantized(model, tmp_path / "q", source=omnilm.BUNDLED_MODELS["demo"])
+    loaded = omnilm.load(tmp_path / "q")
+    processor = omnilm.load_processor(tmp_path / "q")
+    from PIL import Image
+
+    batch = processor(text="which digit is this?", images=[Image.new("RGB", (16, 16), "white")])
+    with torch.no_grad():
+        a = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+        b = loaded(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+    assert torch.equal(a, b)
