@@ -75,8 +75,9 @@ def test_model_logits_sqnr_vs_fp32(name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["int8", "int4"])
-def test_cpu_kernels_match_the_dequantized_matmul(name, dtype):
-    lin = torch.nn.Linear(128, 96, bias=True)
+@pytest.mark.parametrize("out_features", [96, 320])  # 320: the int4 layout is built 64 rows at a time
+def test_cpu_kernels_match_the_dequantized_matmul(name, dtype, out_features):
+    lin = torch.nn.Linear(128, out_features, bias=True)
     q = QuantLinear.from_linear(lin, get_scheme(name, GROUP.get(name))).to(dtype)
     x = torch.randn(3, 5, 128, dtype=dtype)
     y = q(x)

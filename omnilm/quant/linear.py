@@ -139,17 +139,28 @@ class QuantLinear(nn.Module):
 def _prepare_int4(m: QuantLinear, device, dtype):
     """The kernel's weight layout and (K/G, N, 2) scales-and-zeros; None where the kernel refuses the shape.
     tinygemm's zero point is in the float domain: w = (q - 8) * scale + zero, so zero = 0 here."""
-    from .formats import unpack_int4
-
-    q = (unpack_int4(m.weight_packed).to(torch.int32) + 8).to(device)  # (N, K) in [0, 15]
+    n, k = m.out_features, m.in_features
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=device)
     scale = m.weight_scale.to(device=device, dtype=dtype).t()  # (K/G, N)
     scale_zeros = torch.stack((scale, torch.zeros_like(scale)), -1).contiguous()
+
+    def nibbles(rows: slice) -> torch.Tensor:
+        """(rows, K) int32 in [0, 15]: the stored nibbles are already q + 8."""
+        return ((m.weight_packed[rows].to(device)[..., None] >> shifts) & 0xF).reshape(-1, k)
+
     try:
         if device.type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            # The CPU layout keeps blocks of 64 rows apart, so it is built 256 (or 64) rows at a time: a
+            # whole (N, K) int32 temporary per layer, freed into malloc's heap, would add hundreds of MB
+            # to the process's resident set at the 155M shape.
+            step = next((c for c in (256, 64) if n % c == 0), n)
+            convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+            packed = torch.cat([convert(nibbles(slice(i, i + step)), 2) for i in range(0, n, step)])
         elif device.type == "cuda" and dtype == torch.bfloat16:
-            u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-            packed = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
+            q = nibbles(slice(None))
+            packed = torch.ops.aten._convert_weight_to_int4pack(
+                (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8
+            )
         else:
             return None
     except RuntimeError:
