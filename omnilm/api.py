@@ -14,9 +14,12 @@ BUNDLED_MODELS = {"demo": _ASSETS / "demo"}
 
 
 def resolve(path) -> Path:
+    """A bundled name, a local path, or a Hugging Face hub id `owner/name[@revision]` (convert/hub.py)."""
     if isinstance(path, str) and path in BUNDLED_MODELS:
         return BUNDLED_MODELS[path]
-    return Path(path)
+    from .convert.hub import local_path
+
+    return local_path(path)
 
 
 def _dtype(dtype):
@@ -111,12 +114,17 @@ def load_encoder(path, device=None, dtype=None):
     )
 
 
-def load_processor(path):
-    """The processor of a model directory: text tokenizer plus image/audio preprocessing."""
-    from .processing.multimodal import load_processor as _load_processor
+def load_processor(path, tokenizer=None):
+    """The processor of a model directory: text tokenizer plus image/audio preprocessing. A directory
+    without a tokenizer is an error unless `tokenizer` (a directory, hub id or TextTokenizer) is given."""
+    from .processing.loading import load_processor as _load_processor
 
     path = resolve(path)
     model_type = _model_type(path)
+    if model_type in ("qwen2_audio", "emu3"):
+        from .processing.loading import require_own_tokenizer
+
+        require_own_tokenizer(path, tokenizer, model_type)
     if model_type == "qwen2_audio":  # families whose prompts follow their own rules
         from .processing.qwen2_audio import Qwen2AudioProcessor
 
@@ -125,7 +133,9 @@ def load_processor(path):
         from .processing.emu3 import Emu3Processor
 
         return Emu3Processor.from_pretrained(path)
-    return _load_processor(path)
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = resolve(tokenizer)
+    return _load_processor(path, tokenizer=tokenizer)
 
 
 def _model_type(path) -> str | None:

@@ -100,13 +100,13 @@ class Pipeline:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, **engine_settings) -> Pipeline:
+    def from_pretrained(cls, path, device=None, dtype=None, tokenizer=None, **engine_settings) -> Pipeline:
         """The processor now; the model when first needed. path: a model directory or 'demo'."""
         from .api import load_processor, resolve
         from .convert.hf import checkpoint_dir
 
         model_dir = checkpoint_dir(resolve(path))
-        processor = load_processor(model_dir)
+        processor = load_processor(model_dir, tokenizer=tokenizer)
         return cls(processor, None, default_generation_config(model_dir, processor), model_dir, device, dtype,
                    **engine_settings)  # fmt: skip
 

@@ -255,3 +255,20 @@ def test_generation_config_rejects_bad_values():
             GenerationConfig(**bad)
     with pytest.raises(OmniLMError, match="unknown generation setting"):
         GenerationConfig().updated(temprature=1.0)
+
+
+def test_a_fault_in_the_step_ends_requests_with_the_error(model, monkeypatch):
+    engine = Engine(model, max_batch=2)
+    engine.start()
+    try:
+        boom = RuntimeError("simulated out of memory")
+        monkeypatch.setattr(engine, "_decode", lambda: (_ for _ in ()).throw(boom))
+        reqs = [engine.submit([1, 40 + i], GenerationConfig(max_new_tokens=5)) for i in range(3)]
+        last = [list(r.events(timeout=60))[-1] for r in reqs]
+        assert all(ev.finish_reason == "error" and ev.error is boom for ev in last)
+        assert engine.pool.used == 0
+        monkeypatch.undo()  # the engine goes on serving
+        ok = engine.submit([1, 50], GenerationConfig(max_new_tokens=3))
+        assert [ev.finish_reason for ev in ok.events(timeout=60)][-1] == "length"
+    finally:
+        engine.stop()

@@ -180,6 +180,10 @@ class Engine:
             raise OmniLMError(
                 f"prompt token ids must be in [0, {vocab}); got {min(prompt_ids)}..{max(prompt_ids)}"
             )
+        if uncond_ids is not None and not 0 < len(uncond_ids) < self.ctx:
+            raise OmniLMError(
+                f"the unconditional prompt needs 1 to {self.ctx - 1} tokens, got {len(uncond_ids)}"
+            )
         if config.guided and disc is None and uncond_ids is None:
             raise OmniLMError(
                 "guidance_scale: this model does not generate images (it has no discrete config)"
@@ -227,7 +231,19 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a fault in the step itself (out of memory, a bug): every request
+                # in flight ends with the error instead of waiting forever; the engine goes on
+                self.fail_all(e)
+
+    def fail_all(self, error: Exception):
+        with self._lock:
+            queued, self.waiting = list(self.waiting), deque()
+        for req in [*self.prefilling, *self.running]:
+            self._finish(req, Event(None, finish_reason="error", error=error))
+        for req in queued:
+            req._emit(Event(None, finish_reason="error", error=error))
 
     # ---- one step ------------------------------------------------------------------------------------
 
@@ -263,12 +279,16 @@ class Engine:
             self._decode()
 
     def _pages_needed(self, req: Request) -> int:
-        n = len(req.prompt_ids)
-        total = min(n + req.config.max_new_tokens, self.ctx)
-        pages = math.ceil(total / self.page_size)
-        if req.config.guided:  # the unconditional twin: at most as long as the prompt, plus the output
-            pages *= 2
+        """Pages for the prompt plus every token it may generate; under guidance, for its twin too
+        (the null prompt is never longer than the prompt; a given uncond prompt counts as it is)."""
+        max_new = min(req.config.max_new_tokens, self.ctx - len(req.prompt_ids))
+        pages = self._pages_for(len(req.prompt_ids), max_new)
+        if req.config.guided:
+            pages += self._pages_for(len(req.uncond_ids or req.prompt_ids), max_new)
         return pages
+
+    def _pages_for(self, prompt_len: int, max_new: int) -> int:
+        return math.ceil((prompt_len + max_new) / self.page_size)
 
     def _admit(self, req: Request):
         cfg, model = req.config, self.model
@@ -295,8 +315,8 @@ class Engine:
                 req.seqs.append(Sequence(list(uncond) or [req.prompt_ids[-1]]))
         elif cfg.guided:  # a family's own grammar (Emu3) guides every token against the given uncond prompt
             req.seqs.append(Sequence(list(req.uncond_ids)))
-        total = math.ceil(min(T + req.max_new, self.ctx) / self.page_size)
         for seq in req.seqs:
+            total = self._pages_for(len(seq.ids), req.max_new)
             if self.prefix_caching and not req.media and len(req.seqs) == 1:
                 # at least the last prompt token is computed: its logits give the first new token
                 hashes = prefix_hashes(seq.ids, self.page_size, (T - 1) // self.page_size)
