@@ -93,13 +93,15 @@ def parse_bytes(text: str) -> int:
 def scheme_bytes(cfg: ModelConfig, int4_group: int = 128) -> dict[str, int | None]:
     """Exact weight bytes per scheme as `omnilm quantize` writes them (None where a width does not
     divide the scheme's group)."""
+    import torch
     from torch import nn
 
+    from .convert.hf import init_empty_weights
     from .models.omni import OmniModel
     from .quant.formats import SCHEMES, check_shape, get_scheme, stored_bytes
     from .quant.linear import quantizable
 
-    with torch.device("meta"):
+    with init_empty_weights():  # as count_params: meta parameters without importing torch._dynamo
         model = OmniModel(cfg)
     linears = {name: model.get_submodule(name) for name in quantizable(model)}
     quantized_ids = {id(m.weight) for m in linears.values()}
