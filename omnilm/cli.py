@@ -130,12 +130,13 @@ def cmd_convert(args):
 def cmd_quantize(args):
     from .api import load, resolve
     from .convert.hf import checkpoint_dir
-    from .quant import quantize_model
+    from .quant import get_scheme, quantize_model
     from .quant.io import save_quantized
 
+    scheme = get_scheme(args.scheme, args.group_size)  # refused before the weights load
     source = checkpoint_dir(resolve(args.model))
     model = load(source, dtype=args.dtype)
-    names = quantize_model(model, args.scheme, group_size=args.group_size, encoders=args.encoders)
+    names = quantize_model(model, scheme, encoders=args.encoders)
     tensors, files = save_quantized(model, args.out, source=source)
     print(
         f"wrote {args.out} ({args.scheme}, {len(names)} linear layers, {tensors:,} B of tensors, {files:,} B of files)"
@@ -433,23 +434,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("quantize", help="write a low-bit copy of a model (compressed-tensors layout)")
-    p.add_argument("--model", required=True, help="model directory, or 'demo' for the bundled checkpoint")
+    p.add_argument(
+        "--model", required=True, help="model directory, hub id, or 'demo' for the bundled checkpoint"
+    )
     p.add_argument("--scheme", required=True, help="int8, int4, fp8, nvfp4 or mxfp4")
     p.add_argument("--group-size", type=_positive_int, default=None, help="int4 group: 32, 64 or 128")
     p.add_argument("--encoders", action="store_true", help="quantize the vision/audio encoders too")
     p.add_argument("--dtype", default=None, help="dtype of the unquantized parts and the scales")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output directory (written whole or not at all)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="perplexity of a text file, or exact-match accuracy of a task file")
-    p.add_argument("--model", required=True, help="model directory, or 'demo' for the bundled checkpoint")
+    p.add_argument(
+        "--model", required=True, help="model directory, hub id, or 'demo' for the bundled checkpoint"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="UTF-8 text file: strided perplexity")
     src.add_argument("--tasks", help="JSONL: {prompt, answer, image?, audio?, file?} per line")
     p.add_argument("--context", type=_positive_int, default=None, help="window (default: the model's)")
-    p.add_argument("--stride", type=_positive_int, default=None, help="default: half the window")
+    p.add_argument(
+        "--stride", type=_positive_int, default=None, help="window step (default: half the window)"
+    )
     p.add_argument("--quantize", default=None, help="quantize on the fly with this scheme")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="answer length limit (--tasks)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
