@@ -97,6 +97,11 @@ def test_broken_directories_are_refused_by_name(tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"config_groups.group_0.weights: type/num_bits/strategy"):
         omnilm.load(out)
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 8
+    cfg["quantization_config"]["ignore"] = []
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="a quantized output head is not supported"):
+        omnilm.load(out)
     cfg["quantization_config"]["quant_method"] = "gptq"
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="quant_method 'gptq' is not supported"):

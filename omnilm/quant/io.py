@@ -239,6 +239,11 @@ def load_quantized(path, device=None, dtype=None):
     for name, m in list(model.named_modules()):
         file_name = name.removeprefix(prefix)
         if type(m) is nn.Linear and _matches(file_name, targets, m) and not _matches(file_name, ignore, m):
+            if name == "language_model.lm_head":  # the model's dtype and KV cache are read off the head
+                raise CheckpointError(
+                    f"{path}: quantization_config.ignore does not name {file_name!r}; a quantized output "
+                    "head is not supported (the head stays 16-bit)"
+                )
             parent_name, _, leaf = name.rpartition(".")
             q = QuantLinear(m.in_features, m.out_features, m.bias is not None, scheme, device="meta")
             setattr(model.get_submodule(parent_name), leaf, q)
