@@ -25,6 +25,7 @@ run vision 45 $PY benchmarks/bench_vision.py
 run audio 45 $PY benchmarks/bench_audio.py
 run image_gen 60 $PY benchmarks/bench_image_gen.py --device cuda --repeats 2
 run train 60 $PY benchmarks/bench_train.py
+run mllama 150 $PY benchmarks/bench_mllama.py --device cuda --new 64 --repeats 2
 # low-bit inference: fp8 through torch._scaled_mm (capability >= 8.9), int4 through tinygemm, vs bf16 and
 # transformers bf16 (the SQNR section runs on the CPU)
 run quant 120 $PY benchmarks/bench_quant.py --device cuda --threads 4 --tokens 128 --sections sqnr,speed --speed-schemes int8,int4,fp8,nvfp4,mxfp4

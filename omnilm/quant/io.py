@@ -101,9 +101,9 @@ def save_quantized(model: nn.Module, out, source=None) -> int:
     (a failure leaves no half-written `out`), copying the tokenizer, processor and media tokenizer files
     of `source`. Returns (tensor bytes, file bytes) of the weight files; the difference is the
     safetensors JSON headers."""
-    from ..models.omni import OmniModel
+    from ..models.builder import model_class
 
-    if type(model) is not OmniModel:  # family models (Qwen2-Audio, Emu3) have their own converters
+    if type(model) is not model_class(model.config):  # Qwen2-Audio, Emu3: their own converters
         raise ConfigError(f"save_quantized: {type(model).__name__} models cannot be written quantized yet")
     out = Path(out)
     qc = quantization_config(model)
@@ -212,7 +212,7 @@ def _matches(name: str, patterns: list[str], module: nn.Module) -> bool:
 
 
 def load_quantized(path, device=None, dtype=None):
-    from ..models.omni import OmniModel
+    from ..models.builder import model_class
 
     path = checkpoint_dir(path)
     cfg_json = dict(read_config(path))
@@ -234,7 +234,7 @@ def load_quantized(path, device=None, dtype=None):
             "(expected 'llama' or an OmniLM checkpoint)"
         )
     with init_empty_weights():
-        model = OmniModel(cfg)
+        model = model_class(cfg)(cfg)
     prefix = _file_prefix(fmt)
     for name, m in list(model.named_modules()):
         file_name = name.removeprefix(prefix)
