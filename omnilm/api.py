@@ -42,11 +42,18 @@ def _dtype(dtype):
     return names[dtype]
 
 
-def load(path, device=None, dtype=None):
-    """A model from a Hugging Face directory (llama, llava) or an OmniLM checkpoint directory."""
+def load(path, device=None, dtype=None, quantize=None):
+    """A model from a Hugging Face directory (llama, llava), an OmniLM checkpoint directory or a
+    compressed-tensors quantized directory; quantize="int8" (any scheme in omnilm.quant.SCHEMES)
+    quantizes the decoder's linears after loading."""
     from .convert.formats import load as _load
 
-    return _load(resolve(path), device=device, dtype=_dtype(dtype))
+    model = _load(resolve(path), device=device, dtype=_dtype(dtype))
+    if quantize is not None:
+        from .quant import quantize_model
+
+        quantize_model(model, quantize)
+    return model
 
 
 def build(preset="tiny", device=None, dtype=None, seed: int | None = 0):

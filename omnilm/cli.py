@@ -13,9 +13,18 @@ from .errors import OmniLMError
 
 
 def cmd_plan(args):
-    from .plan import format_plan, plan_preset
+    from .plan import format_plan, parse_bytes, plan_preset
 
-    p = plan_preset(args.preset, seq_len=args.seq_len, tokens=args.tokens, gpus=args.gpus, mfu=args.mfu)
+    gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem else None
+    p = plan_preset(
+        args.preset,
+        seq_len=args.seq_len,
+        tokens=args.tokens,
+        gpus=args.gpus,
+        mfu=args.mfu,
+        gpu_mem=gpu_mem,
+        context=args.context,
+    )
     print(json.dumps(p) if args.json else format_plan(p))
 
 
@@ -151,6 +160,28 @@ def cmd_convert(args):
         resolve(args.model), args.out, dtype=_dtype(args.dtype), overwrite=args.overwrite, tokenizer=tokenizer
     )
     print(f"wrote {args.out} ({type(model).__name__}, format {model.config.hf_format})")
+
+
+def cmd_quantize(args):
+    from .api import load, resolve
+    from .convert.hf import checkpoint_dir
+    from .quant import get_scheme, quantize_model
+    from .quant.io import save_quantized
+
+    scheme = get_scheme(args.scheme, args.group_size)  # refused before the weights load
+    source = checkpoint_dir(resolve(args.model))
+    model = load(source, dtype=args.dtype)
+    names = quantize_model(model, scheme, encoders=args.encoders)
+    tensors, files = save_quantized(model, args.out, source=source)
+    print(
+        f"wrote {args.out} ({args.scheme}, {len(names)} linear layers, {tensors:,} B of tensors, {files:,} B of files)"
+    )
+
+
+def cmd_eval(args):
+    from .eval import cmd_eval as run
+
+    run(args)
 
 
 def cmd_train(args):
@@ -351,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gpus", type=_positive_int, default=8, help="GPUs for the FSDP and GPU-days figures")
     p.add_argument("--mfu", type=_fraction, default=0.4, help="model FLOPs utilization, in (0, 1]")
+    p.add_argument("--gpu-mem", default=None, help="e.g. 141GB: per quantization scheme, do weights + KV fit")
+    p.add_argument("--context", type=_positive_int, default=None, help="KV context for --gpu-mem")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("generate", help="generate text (and images/audio) from a prompt with media")
@@ -469,6 +502,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="write a low-bit copy of a model (compressed-tensors layout)")
+    p.add_argument(
+        "--model", required=True, help="model directory, hub id, or 'demo' for the bundled checkpoint"
+    )
+    p.add_argument("--scheme", required=True, help="int8, int4, fp8, nvfp4 or mxfp4")
+    p.add_argument("--group-size", type=_positive_int, default=None, help="int4 group: 32, 64 or 128")
+    p.add_argument("--encoders", action="store_true", help="quantize the vision/audio encoders too")
+    p.add_argument("--dtype", default=None, help="dtype of the unquantized parts and the scales")
+    p.add_argument("--out", required=True, help="output directory (written whole or not at all)")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity of a text file, or exact-match accuracy of a task file")
+    p.add_argument(
+        "--model", required=True, help="model directory, hub id, or 'demo' for the bundled checkpoint"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="UTF-8 text file: strided perplexity")
+    src.add_argument("--tasks", help="JSONL: {prompt, answer, image?, audio?, file?} per line")
+    p.add_argument("--context", type=_positive_int, default=None, help="window (default: the model's)")
+    p.add_argument(
+        "--stride", type=_positive_int, default=None, help="window step (default: half the window)"
+    )
+    p.add_argument("--quantize", default=None, help="quantize on the fly with this scheme")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="answer length limit (--tasks)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="train from a YAML config")
     p.add_argument(

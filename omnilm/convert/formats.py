@@ -16,6 +16,10 @@ from .vision import load_llava, save_llava
 
 def load(path, device=None, dtype=None):
     path = checkpoint_dir(path)
+    from ..quant.io import is_quantized_dir, load_quantized  # compressed-tensors directories
+
+    if is_quantized_dir(path):
+        return load_quantized(path, device, dtype)
     if (path / OMNILM_CONFIG).is_file():
         return load_omnilm(path, device, dtype)
     hf = read_config(path)

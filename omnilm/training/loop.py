@@ -150,9 +150,13 @@ class Trainer:
 
         freeze(model, cfg.freeze)
         if cfg.lora is not None:
-            from .lora import apply_lora
+            from .lora import apply_lora, apply_qlora
 
-            apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+            lora = cfg.lora
+            if lora.quantize_base:  # QLoRA: adapters over a frozen 4-bit base
+                apply_qlora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.quantize_base)
+            else:
+                apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.compile:
