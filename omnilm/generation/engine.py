@@ -144,15 +144,16 @@ class Engine:
         if num_pages is None:  # room for a full batch of full-context requests
             num_pages = max_batch * math.ceil(self.ctx / page_size)
         self.pool = PagePool(num_pages)
-        p = model.language_model.lm_head.weight
         # A model with per-request state (cross-attention to images, computed once per request) has
         # `request_state(ids, **media)`; the engine keeps the state and hands it back, in row order,
         # to every forward as `request_states`. Such a model may also have fewer KV layers than layers.
         self.stateful = hasattr(model, "request_state")
         n_layers = getattr(model, "num_kv_layers", dec.num_layers)
-        self.kv = PagedKV(n_layers, dec.num_kv_heads, dec.head_dim, num_pages, page_size, p.dtype, p.device)
+        self.kv = PagedKV(
+            n_layers, dec.num_kv_heads, dec.head_dim, num_pages, page_size, model.dtype, model.device
+        )
         self.page_size = page_size
-        self.device = p.device
+        self.device = model.device
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
