@@ -30,7 +30,7 @@ def cmd_generate(args):
     processor = omnilm.load_processor(model_dir)
     batch = _prompt_batch(args, processor, model_dir)
     dtype = args.dtype or ("bfloat16" if args.device and args.device.startswith("cuda") else None)
-    model = omnilm.load(model_dir, device=args.device, dtype=dtype)
+    model = omnilm.load(model_dir, device=args.device, dtype=dtype, check_weights=args.check_weights)
     tok = processor.tokenizer
     eos = [i for i in (tok.eos_token_id, tok.eot_token_id) if i is not None]
     settings = dict(
@@ -116,7 +116,7 @@ def cmd_compose(args):
 def cmd_convert(args):
     import omnilm
 
-    model = omnilm.load(args.model, dtype=args.dtype)
+    model = omnilm.load(args.model, dtype=args.dtype, check_weights=args.check_weights)
     model.save_pretrained(args.out)
     print(f"wrote {args.out} ({type(model).__name__}, format {model.hf_format})")
 
@@ -228,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=_non_negative, default=None, help="CFG scale for image spans")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--check-weights", action="store_true", help="refuse weights holding NaN or Inf")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compose", help="build one multimodal checkpoint from pretrained parts")
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--check-weights", action="store_true", help="refuse weights holding NaN or Inf")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train from a YAML config")

@@ -19,6 +19,7 @@ from ..models.vq.codec import AudioCodec
 from ..models.vq.encodec import EncodecCodec, EncodecConfig, encodec_state_from_hf
 from ..models.vq.image_vqvae import ImageVQVAE
 from .hf import checkpoint_dir, load_strict, read_state_dict, write_state_dict
+from .validate import read_json
 
 CODEC_CONFIG = "omnilm_codec.json"
 KINDS = {"image_vq": (ImageVQVAE, ImageVQConfig), "audio_codec": (AudioCodec, AudioCodecConfig)}
@@ -66,10 +67,7 @@ def load_codec(path, device=None, dtype=None):
 
 
 def _read_json(f: Path) -> dict:
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    return read_json(f)
 
 
 def codec_device(model) -> torch.device:

@@ -8,7 +8,6 @@ the `<|image|>` / `<|audio|>` markers if it lacks them, growing the embedding ta
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -27,10 +26,11 @@ from .hf import (
     read_state_dict,
     retie,
 )
+from .validate import read_json
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def _tokenizer_with_markers(text_dir: Path, markers: list[str]) -> TextTokenizer:
