@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 import struct
@@ -287,10 +286,9 @@ class AudioProcessor:
         f = Path(path) / "preprocessor_config.json" if Path(path).is_dir() else Path(path)
         if not f.is_file():
             raise ConfigError(f"{f}: no preprocessor_config.json")
-        try:
-            return cls.from_dict(json.loads(f.read_text()), audio_config)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{f}: not valid JSON ({e})") from None
+        from ..convert.validate import read_json
+
+        return cls.from_dict(read_json(f, error=ConfigError), audio_config)
 
     @classmethod
     def from_config(cls, cfg: AudioConfig) -> AudioProcessor:

@@ -11,7 +11,6 @@ numerically: PIL resize on the 8-bit image, rescale in float64 then float32, nor
 from __future__ import annotations
 
 import io
-import json
 import struct
 import warnings
 from dataclasses import dataclass
@@ -182,10 +181,9 @@ class ImageProcessor:
         f = Path(path) / "preprocessor_config.json" if Path(path).is_dir() else Path(path)
         if not f.is_file():
             raise ConfigError(f"{f}: no preprocessor_config.json")
-        try:
-            return cls.from_dict(json.loads(f.read_text()))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{f}: not valid JSON ({e})") from None
+        from ..convert.validate import read_json
+
+        return cls.from_dict(read_json(f, error=ConfigError))
 
     def to_dict(self) -> dict:
         """The preprocessor_config.json fields transformers reads back."""
