@@ -18,8 +18,10 @@ newest complete one. Loading never unpickles anything but DCP's own metadata cla
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import pickle
 import random
@@ -34,6 +36,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -262,7 +265,8 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
     model_state, optim_state = get_state_dict(model, optimizer)
     sd = {"model": model_state, "optim": optim_state}
     try:
-        with warnings.catch_warnings():
+        # DCP logs its fallbacks (rank-local metadata) as root-logger warnings: the error says enough
+        with warnings.catch_warnings(), _quiet_root_logger():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(
                 sd,
@@ -271,7 +275,7 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
             )
     except CheckpointError:
         raise
-    except Exception as e:  # DCP raises its own error types for missing keys and files
+    except (Exception, CheckpointException) as e:  # DCP's own (a BaseException) for missing keys and files
         raise CheckpointError(f"{path / 'dcp'}: cannot restore the training state ({_reason(e)})") from None
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     rng = read_safetensors(path / "rng.safetensors")
@@ -289,9 +293,31 @@ def load_checkpoint(path, model, optimizer, scheduler) -> dict:
 
 
 def _reason(e: BaseException) -> str:
-    """DCP wraps each rank's failure; the innermost CheckpointError (if any) is the useful message."""
+    """DCP wraps each rank's failure in a report with tracebacks; keep the message that says why."""
+    for failure in getattr(e, "failures", {}).values():
+        if isinstance(failure, tuple):  # (exception, traceback) in some torch versions
+            failure = next((x for x in failure if isinstance(x, BaseException)), None)
+        while isinstance(failure, BaseException):
+            if isinstance(failure, CheckpointError):
+                return str(failure)
+            failure = failure.__cause__ or failure.__context__
     text = " ".join(str(e).split())
-    return text[:500]
+    m = re.search(r"global metadata read failed: (.*?)(?:; rank local metadata|$)", text)
+    if m:
+        return m.group(1)
+    lines = [x for x in str(e).strip().splitlines() if x.strip()]
+    return " ".join((lines[-1] if lines else text).split())[:500]
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 # DCP's metadata file is a pickle of these classes only; anything else is refused unread.
