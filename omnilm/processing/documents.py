@@ -287,6 +287,15 @@ def _load_pdf(data, name, max_pages, max_image_pixels, password):
     if n_pages == 0:
         raise MediaError(f"{name}: PDF has no pages")
 
+    try:  # all pages' image headers first: a document of many large images is refused undecoded
+        total = sum(_declared_pixels(reader.pages[i]) for i in range(n_pages))
+    except Exception as e:
+        raise MediaError(f"{name}: corrupt PDF ({type(e).__name__}: {e})") from None
+    if total > MAX_PDF_TOTAL_PIXELS:
+        raise MediaError(
+            f"{name}: embedded images declare {total} pixels in total, over the "
+            f"{MAX_PDF_TOTAL_PIXELS}-pixel limit for one document"
+        )
     parts: list[tuple[str, object]] = []
     budget = {"pixels": MAX_PDF_TOTAL_PIXELS, "deadline": time.monotonic() + MAX_PDF_SECONDS}
     text_bytes = 0
@@ -328,6 +337,13 @@ def _image_xobjects(page) -> dict[str, object]:
         if obj.get("/Subtype") == "/Image":
             out[str(key)] = obj
     return out
+
+
+def _declared_pixels(page) -> int:
+    return sum(
+        max(int(obj.get("/Width", 0)), 0) * max(int(obj.get("/Height", 0)), 0)
+        for obj in _image_xobjects(page).values()
+    )
 
 
 def _page_parts(page, max_image_pixels: int, budget: dict | None = None) -> list[tuple[str, object]]:

@@ -166,10 +166,22 @@ def save_checkpoint(
             _remove(old)
         else:
             tmp.rename(final)
+        _remove_leftovers(root)
         for _, stale in list_checkpoints(root)[:-keep_last]:
             _remove(stale)
     _barrier()
     return final
+
+
+def _remove_leftovers(root: Path):
+    """What killed saves left: half-deleted directories, and spare copies of steps whose live
+    directory exists (a spare copy of a step without one is the only copy, and stays)."""
+    for p in root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if p.name.startswith(".del-"):
+            shutil.rmtree(p, ignore_errors=True)
+        elif m and m.group(1) != "step" and step_dir(root, int(m.group(2))).is_dir():
+            _remove(p)
 
 
 def _remove(path: Path):
