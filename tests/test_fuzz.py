@@ -520,6 +520,36 @@ def test_malformed_checkpoints_are_typed_errors(base, tmp_path):
     assert_category("checkpoints")
 
 
+SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "image_size": 32, "patch_size": 8}  # fmt: skip
+WHISPER = {"model_type": "whisper", "d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 4,
+           "encoder_ffn_dim": 64, "num_mel_bins": 80, "max_source_positions": 1500}  # fmt: skip
+
+
+def test_malformed_encoder_and_codec_configs(base, tmp_path):
+    """Types, layer counts and sizes implied by a config (a position table of 10^10 patches) are refused
+    before anything is built; weights never opened."""
+    cases = [("siglip", SIGLIP, p) for p in ({"hidden_size": "32"}, {"num_hidden_layers": 10**7},
+                                             {"image_size": 10**6}, {"intermediate_size": 10**9})]  # fmt: skip
+    cases += [("whisper", WHISPER, p) for p in ({"d_model": "32"}, {"encoder_layers": 10**7}, {"max_source_positions": 10**9})]  # fmt: skip
+    cases += [("codec", None, p) for p in ({"image_size": "16"}, {"codebook_size": 10**12}, {"num_res_blocks": 10**6},
+                                           {"channels": 10**6})]  # fmt: skip
+    for i, (kind, cfg, patch) in enumerate(cases):
+        if kind == "codec":
+            d = copy(base["codec"], tmp_path / f"c{i}")
+            meta = json.loads((d / "omnilm_codec.json").read_text())
+            meta["config"].update(patch)
+            (d / "omnilm_codec.json").write_text(json.dumps(meta))
+            fn = lambda d=d: omnilm.load_codec(d)  # noqa: E731
+        else:
+            d = tmp_path / f"e{i}"
+            d.mkdir()
+            (d / "config.json").write_text(json.dumps({**cfg, **patch}))
+            fn = lambda d=d: omnilm.load_encoder(d)  # noqa: E731
+        run_case("checkpoints", f"{kind} config {patch}", fn, ok=lambda r: False)
+    assert_category("checkpoints")
+
+
 def test_mixed_precision_is_cast_and_nan_loads_only_unchecked(base, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -352,6 +352,8 @@ def load_omnilm(path, device=None, dtype=None):
         cfg = ModelConfig.from_dict(validate.read_json(path / OMNILM_CONFIG))
     validate.check_config_types(cfg, source)
     validate.check_model_size(cfg.decoder, source, dtype)
+    if cfg.vision is not None or cfg.audio is not None or cfg.discrete is not None:  # sized by a meta build
+        validate.check_config(cfg, source, lambda: OmniModel(cfg), dtype)
     with init_empty_weights():
         model = OmniModel(cfg)
     state = read_state_dict(path)

@@ -321,6 +321,54 @@ def check_model_size(dcfg, source: str, dtype=None):
         )
 
 
+MAX_LAYERS = 2_048  # any field counting layers or blocks: a build loop of 10^7 is a hang, not a model
+MAX_INT_FIELD = 1 << 31
+
+
+def check_config_ranges(cfg, source: str, where: str = ""):
+    """Every int of a (nested) config dataclass within a sane range, layer counts within MAX_LAYERS."""
+    for f in dataclasses.fields(cfg):
+        v, name = getattr(cfg, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(v):
+            check_config_ranges(v, source, name + ".")
+        elif isinstance(v, int) and not isinstance(v, bool):
+            hi = MAX_LAYERS if ("layers" in f.name or "blocks" in f.name) else MAX_INT_FIELD
+            if not -MAX_INT_FIELD <= v <= hi:
+                raise ConfigError(f"{source}: {name} {v} is outside the supported range (at most {hi})")
+
+
+def check_build(build, source: str, dtype=None):
+    """Build the module on the meta device (no memory) and refuse it when its parameters and buffers
+    would not fit this machine: the sizes that config fields imply (a position table of 10^10
+    patches, a codebook of 10^12 codes) are known before anything is allocated."""
+    try:
+        with torch.device("meta"):
+            module = build()
+    except (ConfigError, CheckpointError):
+        raise
+    except Exception as e:  # a config the model code cannot build at all
+        raise ConfigError(f"{source}: invalid config ({type(e).__name__}: {e})") from None
+    seen, n = set(), 0
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            n += t.numel()
+    per = 4 if dtype in (None, torch.float32) else 2
+    if n * per > memory_bytes():
+        raise CheckpointError(
+            f"{source}: the config describes ~{n / 1e9:.1f}B parameters and buffers ({n * per / 2**30:.0f} GiB), "
+            f"more than this machine's {memory_bytes() / 2**30:.0f} GiB of memory"
+        )
+
+
+def check_config(cfg, source: str, build, dtype=None):
+    """Types, ranges, then the size of `build()` on the meta device, before anything real is built."""
+    with config_errors(source):
+        check_config_types(cfg, source)
+        check_config_ranges(cfg, source)
+    check_build(build, source, dtype)
+
+
 @contextlib.contextmanager
 def config_errors(source: str):
     """A config that breaks the dataclasses' arithmetic (a string where a number belongs) is a ConfigError."""
