@@ -287,10 +287,14 @@ def _load_pdf(data, name, max_pages, max_image_pixels, password):
     if n_pages == 0:
         raise MediaError(f"{name}: PDF has no pages")
 
-    try:  # all pages' image headers first: a document of many large images is refused undecoded
-        total = sum(_declared_pixels(reader.pages[i]) for i in range(n_pages))
-    except Exception as e:
-        raise MediaError(f"{name}: corrupt PDF ({type(e).__name__}: {e})") from None
+    total = 0  # all pages' image headers first: a document of many large images is refused undecoded
+    for index in range(n_pages):
+        try:
+            total += _declared_pixels(reader.pages[index], max_image_pixels)
+        except MediaError as e:
+            raise MediaError(f"{name}: page {index + 1}: {e}") from None
+        except Exception as e:
+            raise MediaError(f"{name}: corrupt PDF page {index + 1} ({type(e).__name__}: {e})") from None
     if total > MAX_PDF_TOTAL_PIXELS:
         raise MediaError(
             f"{name}: embedded images declare {total} pixels in total, over the "
@@ -339,11 +343,14 @@ def _image_xobjects(page) -> dict[str, object]:
     return out
 
 
-def _declared_pixels(page) -> int:
-    return sum(
-        max(int(obj.get("/Width", 0)), 0) * max(int(obj.get("/Height", 0)), 0)
-        for obj in _image_xobjects(page).values()
-    )
+def _declared_pixels(page, max_image_pixels: int) -> int:
+    total = 0
+    for key, obj in _image_xobjects(page).items():
+        w, h = max(int(obj.get("/Width", 0)), 0), max(int(obj.get("/Height", 0)), 0)
+        if w * h > max_image_pixels:
+            raise MediaError(f"embedded image {key} is {w}x{h}, over the {max_image_pixels}-pixel limit")
+        total += w * h
+    return total
 
 
 def _page_parts(page, max_image_pixels: int, budget: dict | None = None) -> list[tuple[str, object]]:
