@@ -677,11 +677,36 @@ def _flac_streaminfo_lie(rate: int, channels: int, total: int) -> bytes:
     return bytes(data)
 
 
+def _ogg_crc(data: bytes) -> int:
+    crc = 0
+    for b in data:
+        crc ^= b << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
+            crc &= 0xFFFFFFFF
+    return crc
+
+
+def _ogg_rate_lie(rate: int) -> bytes:
+    """A real Ogg Vorbis file whose identification header claims `rate` Hz, page CRC recomputed."""
+    data = bytearray(_wav_bytes(fmt="OGG"))
+    nseg = data[26]
+    body = 27 + nseg
+    assert data[body : body + 7] == b"\x01vorbis"
+    data[body + 12 : body + 16] = struct.pack("<I", rate)
+    page_len = body + sum(data[27 : 27 + nseg])
+    data[22:26] = b"\0\0\0\0"
+    data[22:26] = struct.pack("<I", _ogg_crc(bytes(data[:page_len])))
+    return bytes(data)
+
+
 def audio_cases(n: int, rng: random.Random):
     seeds = {"wav": _wav_bytes(), "flac": _wav_bytes(fmt="FLAC"), "ogg": _wav_bytes(fmt="OGG"),
              "wav-stereo-44k": _wav_bytes(rate=44100, channels=2, seconds=0.1)}  # fmt: skip
     extra = [
         ("wav rate 2^31-1", _wav_header_lie(rate=2**31 - 1)),
+        ("ogg rate 2^31-1", _ogg_rate_lie(2**31 - 1)),
+        ("ogg rate 22050 (a consistent lie)", _ogg_rate_lie(22050)),
         ("wav rate 44101 (odd ratio)", _wav_header_lie(rate=44101)),
         ("wav rate 1", _wav_header_lie(rate=1)),
         ("wav 65535 channels", _wav_header_lie(channels=65535)),
