@@ -9,6 +9,7 @@ subprocess cases are @pytest.mark.slow. Set FUZZ_REPORT=path to get the per-cate
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
@@ -1049,3 +1050,35 @@ def test_kill_during_save_and_resave_resumes_bit_exact(base, tmp_path):
     REPORT["kill during save"] = {"events_per_run": total, **{s: r for s, r in results.items()}}
     _write_report()
     assert all(len(r) >= 20 for r in results.values())
+
+
+# ---- the shared non-finite step guard -----------------------------------------------------------------
+
+
+def test_one_nan_sample_leaves_vq_and_codec_weights_finite():
+    from omnilm.config import AudioCodecConfig, ImageVQConfig
+    from omnilm.training.codec import synth_tones, train_audio_codec, train_image_vq
+
+    torch.manual_seed(0)
+    images = torch.rand(32, 3, 16, 16) * 2 - 1
+    images[5, 0, 3, 3] = float("nan")  # in about one batch of four: those steps are skipped, not applied
+    cfg = ImageVQConfig(image_size=16, downsample=4, codebook_size=16, code_dim=8, channels=8)
+    vq, _ = train_image_vq(images, cfg, steps=12, batch_size=8, device="cpu")
+    clips = synth_tones(8, sample_rate=8000, seconds=0.05)
+    clips[3, 0, 10] = float("nan")
+    acfg = AudioCodecConfig(sample_rate=8000, channels=8, strides=[2, 4], n_q=2, codebook_size=16, dim=16)
+    codec, _ = train_audio_codec(clips, acfg, steps=8, batch_size=4, device="cpu")
+    for model in (vq, codec):
+        tensors = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+        assert all(torch.isfinite(t).all() for t in tensors)
+
+
+def test_guard_stops_after_max_bad_steps_in_a_row():
+    from omnilm.training.guard import NonFiniteGuard
+
+    guard = NonFiniteGuard(max_bad_steps=2, what="unit")
+    assert guard.observe(1, 1.0, 1.0) and not guard.observe(2, float("nan"), 1.0)
+    assert guard.observe(3, 0.5, 1.0) and guard.streak == 0
+    assert not guard.observe(4, 1.0, float("inf"))
+    with pytest.raises(OmniLMError, match="unit: 2 non-finite steps in a row"):
+        guard.observe(5, float("nan"), float("nan"))

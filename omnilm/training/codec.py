@@ -69,9 +69,10 @@ def train_image_vq(
     guard = NonFiniteGuard(max_bad_steps, "image VQ-VAE training")
     for step in range(steps):
         idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
+        snap = guard.snapshot(model)
         out = model(images[idx.to(device)])
         loss = out.loss
-        guard.step(opt, loss, model.parameters(), step=step)
+        guard.step(opt, loss, model.parameters(), step=step, restore=snap)
         sched.step()
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(
@@ -144,9 +145,10 @@ def train_audio_codec(
     guard = NonFiniteGuard(max_bad_steps, "audio codec training")
     for step in range(steps):
         idx = torch.randint(0, len(clips), (min(batch_size, len(clips)),), generator=gen)
+        snap = guard.snapshot(model)
         out = model(clips[idx.to(device)], waveform_weight=waveform_weight)
         loss = out.loss
-        guard.step(opt, loss, model.parameters(), max_norm=1.0, step=step)
+        guard.step(opt, loss, model.parameters(), max_norm=1.0, step=step, restore=snap)
         sched.step()
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(

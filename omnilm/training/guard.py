@@ -40,11 +40,25 @@ class NonFiniteGuard:
             )
         return False
 
+    @staticmethod
+    def snapshot(module: torch.nn.Module) -> tuple[torch.nn.Module, dict]:
+        """A copy of the state a forward pass may change in place (EMA codebooks, usage counters), taken
+        before the forward, for `step(restore=...)`."""
+        return module, {k: v.detach().clone() for k, v in module.state_dict().items()}
+
     def step(
-        self, optimizer, loss: torch.Tensor, params, max_norm: float | None = None, step: int = 0
+        self,
+        optimizer,
+        loss: torch.Tensor,
+        params,
+        max_norm: float | None = None,
+        step: int = 0,
+        restore=None,
     ) -> bool:
         """Backward, clip (max_norm None: measure only), then step `optimizer` only if finite; gradients
-        are cleared either way. Returns whether the update was applied."""
+        are cleared either way, and a skipped step puts back the `restore` snapshot (a VQ forward pass
+        updates its codebook itself: one NaN pixel would otherwise poison it). Returns whether the
+        update was applied."""
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in params if p.grad is not None]
@@ -52,5 +66,10 @@ class NonFiniteGuard:
         ok = self.observe(step, float(loss.detach()), float(norm))
         if ok:
             optimizer.step()
+        elif restore is not None:
+            module, state = restore
+            with torch.no_grad():
+                for k, v in module.state_dict().items():
+                    v.copy_(state[k])
         optimizer.zero_grad(set_to_none=True)
         return ok
