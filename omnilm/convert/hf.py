@@ -20,6 +20,7 @@ from torch import nn
 from ..config import DecoderConfig, ModelConfig, RopeScaling
 from ..errors import CheckpointError
 from . import validate
+from .files import honour_umask
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 OMNILM_CONFIG = "omnilm_config.json"
@@ -99,11 +100,13 @@ def write_state_dict(state: dict[str, torch.Tensor], path, max_shard_bytes: int 
     shards.append(current)
     if len(shards) == 1:
         save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
+        honour_umask(path / "model.safetensors")  # safetensors writes a 0600 temporary file and renames it
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, path / name, metadata={"format": "pt"})
+        honour_umask(path / name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(v.numel() * v.element_size() for v in state.values())
     (path / "model.safetensors.index.json").write_text(
@@ -312,7 +315,6 @@ def load_llama(path, hf_config: dict, device=None, dtype=None):
     state = llama_state_from_hf(read_state_dict(path), cfg.decoder)
     load_strict(model.language_model, state, source=str(path), dtype=dtype, device=device)
     retie(model)
-    model.hf_format = "llama"
     return model.eval()
 
 
@@ -361,41 +363,4 @@ def load_omnilm(path, device=None, dtype=None):
         state.setdefault("language_model.lm_head.weight", state["language_model.model.embed_tokens.weight"])
     load_strict(model, state, source=str(path), dtype=dtype, device=device)
     retie(model)
-    model.hf_format = "omnilm"
     return model.eval()
-
-
-# ---- dispatch --------------------------------------------------------------------------------------------
-
-
-def load(path, device=None, dtype=None):
-    path = checkpoint_dir(path)
-    if (path / OMNILM_CONFIG).is_file():
-        return load_omnilm(path, device, dtype)
-    hf = read_config(path)
-    model_type = hf.get("model_type")
-    if model_type == "llama":
-        return load_llama(path, hf, device, dtype)
-    if model_type == "llava":
-        from .vision import load_llava
-
-        return load_llava(path, hf, device, dtype)
-    raise CheckpointError(
-        f"{path}/config.json: model_type {model_type!r} is not supported by omnilm.load "
-        "(expected 'llama', 'llava' or an OmniLM checkpoint)"
-    )
-
-
-def save_pretrained(model, path):
-    fmt = getattr(model, "hf_format", "omnilm")
-    has_extras = (
-        any(getattr(model, n, None) is not None for n in ("vision_tower", "audio_tower"))
-        or model.config.discrete
-    )
-    if fmt == "llama" and not has_extras:
-        return save_llama(model, path)
-    if fmt == "llava" and model.audio_tower is None and not model.config.discrete:
-        from .vision import save_llava
-
-        return save_llava(model, path)
-    return save_omnilm(model, path)
