@@ -42,11 +42,14 @@ def _dtype(dtype):
     return names[dtype]
 
 
-def load(path, device=None, dtype=None):
-    """A model from a Hugging Face directory (llama, llava) or an OmniLM checkpoint directory."""
+def load(path, device=None, dtype=None, check_weights: bool = False):
+    """A model from a Hugging Face directory (llama, llava) or an OmniLM checkpoint directory.
+    check_weights: also refuse weights holding NaN or Inf (a scan of every tensor)."""
     from .convert.formats import load as _load
+    from .convert.validate import checking_weights
 
-    return _load(resolve(path), device=device, dtype=_dtype(dtype))
+    with checking_weights(check_weights):
+        return _load(resolve(path), device=device, dtype=_dtype(dtype))
 
 
 def build(preset="tiny", device=None, dtype=None, seed: int | None = 0):
@@ -138,7 +141,7 @@ def _model_type(path) -> str | None:
     f = Path(path) / "config.json"
     try:
         return json.loads(f.read_text()).get("model_type") if f.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError):
         return None
 
 
