@@ -76,8 +76,7 @@ def main(argv=None):
     for name, cfg in configs().items():
         with tempfile.TemporaryDirectory() as tmp:
             model = omnilm.build(cfg, seed=0)
-            model.hf_format = "llama"
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp)  # a plain decoder: Hugging Face llama format
             del model
             load_and_first_token(tmp, device)  # warm the page cache and kernels
             before, after, scan = [], [], []

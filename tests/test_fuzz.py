@@ -128,17 +128,17 @@ DECODER = dict(vocab_size=2048, hidden_size=32, num_layers=1, num_heads=4, num_k
 
 
 def llama_dir(path: Path) -> Path:
-    model = omnilm.build(ModelConfig(decoder=DecoderConfig(**DECODER)), seed=0)
-    model.hf_format = "llama"
-    model.save_pretrained(path)
+    omnilm.build(ModelConfig(decoder=DecoderConfig(**DECODER)), seed=0).save_pretrained(
+        path
+    )  # a plain decoder: llama
     assert (path / "config.json").is_file()
     return path
 
 
 def omni_dir(path: Path) -> Path:
-    model = omnilm.build(ModelConfig(decoder=DecoderConfig(**DECODER)), seed=0)
-    model.hf_format = "omnilm"
-    model.save_pretrained(path)
+    from omnilm.convert.hf import save_omnilm
+
+    save_omnilm(omnilm.build(ModelConfig(decoder=DecoderConfig(**DECODER)), seed=0), path)
     assert (path / "omnilm_config.json").is_file()
     return path
 
