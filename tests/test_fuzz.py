@@ -881,7 +881,13 @@ def test_cli_payloads_and_media_give_one_error_line(base, tmp_path):
     cases = []
     m = copy(base["omni"], tmp_path / "m")
     (m / "model.safetensors").write_bytes(pickle_bytes(tmp_path / "PWNED", 2))
-    cases.append(("generate", ["generate", "--model", str(m), "--prompt", "hi", "--max-new-tokens", "2"]))
+    tok = str(ROOT / "omnilm" / "assets" / "tokenizer")
+    cases.append(
+        (
+            "generate",
+            ["generate", "--model", str(m), "--tokenizer", tok, "--prompt", "hi", "--max-new-tokens", "2"],
+        )
+    )
     cases.append(("convert", ["convert", "--model", str(m), "--out", str(tmp_path / "o")]))
     run = copy(base["train"], tmp_path / "run")
     from omnilm.training.checkpoint import latest_checkpoint
@@ -913,6 +919,8 @@ def test_cli_payloads_and_media_give_one_error_line(base, tmp_path):
         assert r.returncode in (0, 2), (name, r.returncode, r.stderr[-2000:])
         if r.returncode == 2:
             assert len(lines) == 1 and lines[0].startswith("error: "), (name, r.stderr[-2000:])
+        if name in ("generate", "convert", "train --resume"):  # the payload is named and refused
+            assert r.returncode == 2 and "refused without" in r.stderr, (name, r.stderr[-2000:])
     assert not (tmp_path / "PWNED").exists()
 
 
