@@ -309,10 +309,8 @@ def memory_bytes() -> int:
 def check_model_size(dcfg, source: str, dtype=None):
     """Refuse a config whose weights would not fit this machine, before any module is built."""
     check_decoder_ranges(dcfg, source)
-    from ..plan import BYTES_PER_PARAM
-
     n = estimate_decoder_params(dcfg)
-    per = BYTES_PER_PARAM["fp32"] if dtype in (None, torch.float32) else BYTES_PER_PARAM["bf16"]
+    per = 4 if dtype in (None, torch.float32) else 2  # plan.BYTES_PER_PARAM's fp32 / bf16 (plan imports us)
     need, have = n * per, memory_bytes()
     if need > have:
         raise CheckpointError(
