@@ -939,6 +939,17 @@ def test_no_unsafe_deserialisation_in_the_package():
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "llama-3.2-1b", "llama-3.1-8b"])
+def test_size_bound_agrees_with_the_planner(preset):
+    from omnilm.config import get_preset
+    from omnilm.convert.validate import estimate_decoder_params
+    from omnilm.plan import count_params
+
+    dcfg = get_preset(preset).decoder
+    exact = count_params(ModelConfig(decoder=dcfg))["total"]
+    assert abs(estimate_decoder_params(dcfg) - exact) <= 1e-3 * exact
+
+
 def test_json_depth_is_linear_and_exact():
     from omnilm.convert.validate import json_depth
 
