@@ -30,6 +30,10 @@ def load(path, device=None, dtype=None):
         return load_qwen2_audio(path, hf, device, dtype)
     if model_type == "emu3":
         return load_emu3(path, hf, device, dtype)
+    if model_type == "mllama":
+        from .mllama import load_mllama
+
+        return load_mllama(path, hf, device, dtype)
     raise CheckpointError(
         f"{path}/config.json: model_type {model_type!r} is not supported by omnilm.load "
         "(expected 'llama', 'llava' or an OmniLM checkpoint)"
@@ -48,4 +52,8 @@ def save_pretrained(model, path):
         return save_qwen2_audio(model, path)
     if fmt == "emu3":
         return save_emu3(model, path)
+    if fmt == "mllama":
+        from .mllama import save_mllama
+
+        return save_mllama(model, path)
     return save_omnilm(model, path)

@@ -346,7 +346,7 @@ def save_omnilm(model, path):
 
 
 def load_omnilm(path, device=None, dtype=None):
-    from ..models.omni import OmniModel
+    from ..models.builder import model_class
 
     path = checkpoint_dir(path)
     source = str(path / OMNILM_CONFIG)
@@ -355,9 +355,9 @@ def load_omnilm(path, device=None, dtype=None):
     validate.check_config_types(cfg, source)
     validate.check_model_size(cfg.decoder, source, dtype)
     if cfg.vision is not None or cfg.audio is not None or cfg.discrete is not None:  # sized by a meta build
-        validate.check_config(cfg, source, lambda: OmniModel(cfg), dtype)
+        validate.check_config(cfg, source, lambda: model_class(cfg)(cfg), dtype)
     with init_empty_weights():
-        model = OmniModel(cfg)
+        model = model_class(cfg)(cfg)
     state = read_state_dict(path)
     if cfg.decoder.tie_embeddings and "language_model.model.embed_tokens.weight" in state:
         state.setdefault("language_model.lm_head.weight", state["language_model.model.embed_tokens.weight"])
