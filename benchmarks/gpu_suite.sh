@@ -26,4 +26,5 @@ run audio 45 $PY benchmarks/bench_audio.py
 run image_gen 60 $PY benchmarks/bench_image_gen.py --device cuda --repeats 2
 run train 60 $PY benchmarks/bench_train.py
 run mllama 150 $PY benchmarks/bench_mllama.py --device cuda --new 64 --repeats 2
+run serve 90 $PY benchmarks/bench_serve.py --device cuda --clients 1 4 16 64 --max-tokens 128
 run load 60 $PY benchmarks/bench_load.py --device cuda

@@ -95,6 +95,27 @@ def _write_media(out, args):
         print(f"wrote {args.output_audio}")
 
 
+def cmd_serve(args):
+    import os
+
+    from .serve import serve
+
+    _check_device(args.device)
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("OMNILM_API_KEY"),
+          max_queue=args.max_queue, max_batch=args.max_batch, device=args.device, dtype=args.dtype,
+          allow_media_url=args.allow_media_url, allow_local_media=args.allow_local_media)  # fmt: skip
+
+
+def cmd_chat(args):
+    from .serve.backend import Backend, GenerationConfig
+    from .serve.terminal import run
+
+    _check_device(args.device)
+    backend = Backend.load(args.model, device=args.device, dtype=args.dtype)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    run(backend, cfg, media_dir=args.media_dir)
+
+
 def cmd_compose(args):
     from .convert.compose import compose
 
@@ -401,6 +422,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--check-weights", action="store_true", help="refuse weights holding NaN or Inf")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web chat page at /")
+    p.add_argument("--model", required=True, help="model directory, or 'demo' for the bundled checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="required on every route but /health (or OMNILM_API_KEY)")
+    p.add_argument("--max-queue", type=_positive_int, default=64, help="waiting requests; more get 429")
+    p.add_argument("--max-batch", type=_positive_int, default=16)
+    p.add_argument("--allow-media-url", action="store_true", help="fetch http(s) image URLs")
+    p.add_argument("--allow-local-media", default=None, metavar="DIR", help="read file:// media under DIR")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat in the terminal (/image, /audio, /file, /system, /reset, /save)")
+    p.add_argument("--model", required=True, help="model directory, or 'demo' for the bundled checkpoint")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=_non_negative, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--media-dir", default=".", help="where generated images/audio are written")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("compose", help="build one multimodal checkpoint from pretrained parts")
     p.add_argument("--text", required=True, help="Llama directory or hub id (Hugging Face format)")
