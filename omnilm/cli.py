@@ -29,6 +29,7 @@ def cmd_plan(args):
 
 
 def cmd_generate(args):
+    from .convert.validate import checking_weights
     from .pipeline import Pipeline
 
     # Inputs are read (and refused) before the weights load: a bad file should not wait for the model.
@@ -36,7 +37,8 @@ def cmd_generate(args):
     _check_output(args.output_image, "--output-image", _image_extensions(), ".png")
     _check_output(args.output_audio, "--output-audio", _audio_extensions(), ".wav")
     dtype = args.dtype or ("bfloat16" if args.device and args.device.startswith("cuda") else None)
-    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
+    with checking_weights(args.check_weights):
+        pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
     if args.output_image and hasattr(pipe.processor, "generation_grid"):  # Emu3: its image grammar
         return _emu3_image(args, pipe)
     prompt = pipe.encode(args.prompt, args.image, args.audio, args.file)
@@ -154,11 +156,17 @@ def cmd_compose(args):
 def cmd_convert(args):
     from .api import _dtype, resolve
     from .convert.convert import convert_checkpoint
+    from .convert.validate import checking_weights
 
     tokenizer = resolve(args.tokenizer) if args.tokenizer is not None else None
-    model = convert_checkpoint(
-        resolve(args.model), args.out, dtype=_dtype(args.dtype), overwrite=args.overwrite, tokenizer=tokenizer
-    )
+    with checking_weights(args.check_weights):
+        model = convert_checkpoint(
+            resolve(args.model),
+            args.out,
+            dtype=_dtype(args.dtype),
+            overwrite=args.overwrite,
+            tokenizer=tokenizer,
+        )
     print(f"wrote {args.out} ({type(model).__name__}, format {model.config.hf_format})")
 
 
@@ -445,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="tokenizer directory, for a model directory without one",
     )
+    p.add_argument("--check-weights", action="store_true", help="refuse weights holding NaN or Inf")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web chat page at /")
@@ -501,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", default=None, metavar="DIR", help="tokenizer to write with it (default: --model's)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--check-weights", action="store_true", help="refuse weights holding NaN or Inf")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("quantize", help="write a low-bit copy of a model (compressed-tensors layout)")

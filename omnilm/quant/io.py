@@ -48,10 +48,11 @@ def is_quantized_dir(path) -> bool:
     if (path / QUANT_CONFIG).is_file():
         return True
     f = path / "config.json"
-    try:
-        return f.is_file() and "quantization_config" in json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return False  # read_config reports it
+    if not f.is_file():
+        return False
+    from ..convert.validate import read_json  # bounded and typed: a hostile config.json is refused there
+
+    return "quantization_config" in read_json(f)
 
 
 def _file_format(model) -> str:

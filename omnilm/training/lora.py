@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from ..convert.validate import read_json, read_safetensors
 from ..errors import CheckpointError, ConfigError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -202,12 +203,12 @@ def load_adapter(model: nn.Module, path) -> list[str]:
     for f in (cfg_file, weights_file):
         if not f.is_file():
             raise CheckpointError(f"{f}: missing (expected a PEFT adapter directory)")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_json(cfg_file)
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora"):
         raise CheckpointError(f"{cfg_file}: only plain LoRA adapters are supported")
     pairs = [(dst, src) for src, dst in _peft_prefixes(getattr(model, "hf_format", "llama"))]
     weights = {}
-    for key, value in load_file(weights_file).items():
+    for key, value in read_safetensors(weights_file).items():
         key = key.replace(".default.", ".")  # files written with the adapter name left in
         weights[_rename(key, pairs)] = value
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in weights if is_lora_key(k)})
