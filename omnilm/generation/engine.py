@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ContextLengthError, OmniLMError, QueueFullError
 from .config import GenerationConfig
-from .paged import PagedKV, PagePool, prefix_hashes
+from .paged import Lanes, PagedKV, PagePool, prefix_hashes
 from .processors import IMAGE_CODES, Penalties, SpanController, guide, null_prompt
 from .sampling import sample
 
@@ -154,6 +154,7 @@ class Engine:
         )
         self.page_size = page_size
         self.device = model.device
+        self.lanes = None if compile else Lanes(self.kv)
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
@@ -448,12 +449,14 @@ class Engine:
         """One batched forward: every running sequence feeds its last token."""
         reqs = list(self.running)
         seqs = [seq for req in reqs for seq in req.seqs]
+        S = max(seq.cached for seq in seqs) + 1
+        if self.lanes is not None:  # rows in lane order (the lanes keep each row's keys gathered)
+            seqs = list(self.lanes.arrange(seqs, S))
         lengths = [seq.cached + 1 for seq in seqs]
-        S = max(lengths)
-        tokens = torch.tensor([[req.output[-1]] for req in reqs for _ in req.seqs], device=self.device)
-        write = torch.tensor([self.kv.slots(s.pages, s.cached, s.cached + 1)[0] for s in seqs],
-                             device=self.device)  # fmt: skip
-        read = self._read_pages(seqs, S)  # (B, n_pages)
+        last = {id(seq): req.output[-1] for req in reqs for seq in req.seqs}
+        tokens = torch.tensor([[last[id(s)]] for s in seqs], device=self.device)
+        write = torch.tensor([s.pages[s.cached // self.page_size] * self.page_size + s.cached % self.page_size
+                              for s in seqs], device=self.device)  # fmt: skip
         positions = torch.tensor([[s.cached] for s in seqs], device=self.device)  # (B, 1)
         mask = None
         if min(lengths) != S:  # rows of different lengths: each attends to its own keys only
@@ -464,28 +467,38 @@ class Engine:
             mask = mask[:, None, None, :]  # (B, 1, 1, S)
         only = "image" if all(req.only == "image" for req in reqs) else None
         states = [seq.state for seq in seqs] if self.stateful else None
-        logits = self._decode_forward(
-            tokens, mask, positions, write, read, S, only, states
-        )  # (B, V) or (B, V_image)
-        row = 0
-        for req, seq_count in [(r, len(r.seqs)) for r in reqs]:
+        if self.lanes is not None:
+            cache = self.lanes.view(write, positions[:, 0], S)
+            logits = self._forward_cache(tokens, mask, positions, cache, S, only, states)
+        else:
+            read = self._read_pages(seqs, S)  # (B, n_pages)
+            logits = self._decode_forward(tokens, mask, positions, write, read, S, only, states)
+        # logits (B, V) or (B, V_image), row i for seqs[i]
+        row_of = {id(seq): i for i, seq in enumerate(seqs)}
+        chosen = self._greedy_rows(reqs, logits, row_of, only)
+        for req in reqs:
             for seq in req.seqs:
                 seq.ids.append(req.output[-1])
                 seq.cached += 1
-            rows = [logits[i : i + 1] for i in range(row, row + seq_count)]
+            if req.id in chosen:
+                self._take(req, Event(chosen[req.id]))
+                continue
+            rows = [logits[row_of[id(seq)]][None] for seq in req.seqs]
             if req.only == "image" and only is None:  # full logits computed for the batch: take its head
                 disc = self.model.config.discrete
                 rows = [r[:, disc.image_offset : disc.audio_offset] for r in rows]
-            row += seq_count
             self._sample(req, rows)
 
     def _forward(self, tokens, mask, positions, write, read, S, only, states=None):
         """The decode step's model call: tokens, positions (B, 1); mask (B, 1, 1, S) or None."""
+        return self._forward_cache(tokens, mask, positions, self.kv.view(write, read, S), S, only, states)
+
+    def _forward_cache(self, tokens, mask, positions, cache, S, only, states=None):
         out = self.model(
             tokens,
             attention_mask=mask,
             position_ids=positions,
-            cache=self.kv.view(write, read, S),
+            cache=cache,
             cache_position=positions[0],
             kv_len=S,
             **({"logits_modality": only} if only else {}),
@@ -530,9 +543,43 @@ class Engine:
             if cfg.logprobs:
                 top = lp.topk(min(cfg.logprobs, lp.shape[0]))
                 ev.top_logprobs = [(int(i) + offset, float(v)) for v, i in zip(top.values, top.indices)]
-        t = torch.tensor([token], device=self.device)
-        for p in req.processors:
-            p.update(t)
+        if req.processors:
+            t = torch.tensor([token], device=self.device)
+            for p in req.processors:
+                p.update(t)
+        self._take(req, ev)
+
+    def _greedy_rows(self, reqs, logits, row_of, only) -> dict[int, int]:
+        """{request id: token} for the plain greedy requests of a decode step (no processors, no
+        guidance, no logprobs), chosen by one argmax over their rows: exactly the token _sample
+        picks row by row (the same span mask, the same argmax of each row)."""
+        plain = [
+            r for r in reqs
+            if (r.config.temperature <= 0.0 or r.config.top_k == 1) and not r.processors
+            and not r.config.guided and r.config.logprobs is None and not (r.only and only is None)
+        ]  # fmt: skip
+        if len(plain) < 2:
+            return {}
+        x = logits.index_select(0, torch.tensor([row_of[id(r.seqs[0])] for r in plain], device=logits.device))
+        disc = self.model.config.discrete
+        offsets = [0] * len(plain)
+        if disc is not None:
+            x = x.float()
+            masked = [i for i, r in enumerate(plain) if r.spans is not None and not r.only]
+            allowed = plain[masked[0]].spans.allowed if masked else None
+            if any(plain[i].spans.allowed is not allowed for i in masked):
+                return {}
+            if masked:
+                idx = torch.tensor(masked, device=x.device)
+                states = torch.tensor([plain[i].spans.state for i in masked], device=x.device)
+                x[idx] = x[idx].masked_fill(~allowed[states], float("-inf"))
+            offsets = [disc.image_offset if r.only else 0 for r in plain]
+        tokens = x.argmax(-1).tolist()
+        return {r.id: t + o for r, t, o in zip(plain, tokens, offsets, strict=True)}
+
+    def _take(self, req: Request, ev: Event):
+        """Record req's sampled token (ev.token), emit it, retire req if it is done."""
+        token = ev.token
         if req.spans is not None:
             req.spans.update(token)
         req.output.append(token)

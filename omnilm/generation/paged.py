@@ -136,3 +136,99 @@ class _LayerView:
         P, H, D = pages.shape[1:]
         out = pages.index_select(0, self.read_pages.flatten()).view(B, n * P, H, D)[:, : self.length]
         return out.transpose(1, 2)  # (B, H_kv, S, hd)
+
+
+class Lanes:
+    """The decode batch's keys/values kept gathered between steps, so a decode step appends one slot
+    per row instead of gathering every row's pages again (which costs more than the attention itself
+    on CPU). Per layer, k and v are (rows, S_cap, H_kv, hd); lane i holds the keys of `seqs[i]`, the
+    decode batch is ordered by lane, and the pages stay the source of truth: a row that joins is
+    copied from its pages once, a row that leaves has the last lane moved into its place (one row's
+    copy), so only a change of the batch costs copies, and only of the rows that change. Slots past
+    a row's length hold stale finite values which the per-row mask hides, as the padding pages do.
+    Costs up to the running rows' keys/values again in memory; the engine uses it in eager decode."""
+
+    def __init__(self, kv: PagedKV):
+        self.kv = kv
+        self.seqs: list = []  # lane order; a seq here is alive, so its id() is not reused
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def arrange(self, seqs, length: int) -> list:
+        """Make the lanes hold exactly `seqs` (each with `cached` valid slots) with room for `length`
+        slots per row; returns the seqs in lane order (the decode batch's row order)."""
+        want = {id(s) for s in seqs}
+        i = 0
+        while i < len(self.seqs):
+            if id(self.seqs[i]) in want:
+                i += 1
+                continue
+            last = self.seqs.pop()
+            if i < len(self.seqs):  # the last lane fills the hole
+                self.seqs[i] = last
+                n = last.cached
+                for buf in (*self.k, *self.v):
+                    buf[i, :n] = buf[len(self.seqs), :n]
+        have = {id(s) for s in self.seqs}
+        new = [s for s in seqs if id(s) not in have]
+        rows, P = len(self.seqs) + len(new), self.kv.page_size
+        need = -(-length // P) * P
+        cap_b, cap_s = (self.k[0].shape[0], self.k[0].shape[1]) if self.k else (0, 0)
+        if rows > cap_b or need > cap_s:
+            self._grow(
+                max(rows, 2 * cap_b if rows > cap_b else cap_b),
+                max(need, 2 * cap_s if need > cap_s else cap_s),
+            )
+        for s in new:
+            row = len(self.seqs)
+            self.seqs.append(s)
+            n = -(-s.cached // P)
+            pages = torch.tensor(s.pages[:n], device=self.k[0].device)
+            for src, buf in zip((*self.kv.k, *self.kv.v), (*self.k, *self.v), strict=True):
+                buf[row, : n * P] = src.index_select(0, pages).flatten(0, 1)
+        return self.seqs
+
+    def _grow(self, rows: int, slots: int):
+        old_k, old_v, B = self.k, self.v, len(self.seqs)
+        shape = (rows, slots, *self.kv.k[0].shape[2:])
+        like = self.kv.k[0]
+        self.k = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in self.kv.k]
+        self.v = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in self.kv.v]
+        for new, old in zip((*self.k, *self.v), (*old_k, *old_v)):
+            new[:B, : old.shape[1]] = old[:B]
+
+    def view(self, write_slots: torch.Tensor, positions: torch.Tensor, length: int) -> LaneView:
+        """write_slots (B,) page slots of the new tokens; positions (B,) their slots in the lanes."""
+        return LaneView(self, write_slots, positions, length)
+
+
+class LaneView:
+    """One decode forward's window: each layer writes the new key to its page slot and its lane, and
+    attends to the lanes' first `length` slots."""
+
+    def __init__(self, lanes: Lanes, write_slots: torch.Tensor, positions: torch.Tensor, length: int):
+        B, S = len(lanes.seqs), lanes.k[0].shape[1]
+        lane_slots = torch.arange(B, device=positions.device) * S + positions
+        self.layers = [
+            _LaneLayer(k, v, lk, lv, write_slots, lane_slots, B, length)
+            for k, v, lk, lv in zip(lanes.kv.k, lanes.kv.v, lanes.k, lanes.v, strict=True)
+        ]
+
+
+class _LaneLayer:
+    def __init__(self, k, v, lk, lv, write_slots, lane_slots, rows, length):
+        self.k, self.v, self.lk, self.lv = k, v, lk, lv
+        self.write_slots, self.lane_slots, self.rows, self.length = write_slots, lane_slots, rows, length
+
+    def update(self, cache_position, k: torch.Tensor, v: torch.Tensor):
+        """k, v (B, H_kv, 1, hd) new -> (B, H_kv, length, hd) every key each row attends to."""
+        B, H, T, D = k.shape
+        k, v = k.transpose(1, 2).reshape(B * T, H, D), v.transpose(1, 2).reshape(B * T, H, D)
+        self.k.view(-1, H, D).index_copy_(0, self.write_slots, k)
+        self.v.view(-1, H, D).index_copy_(0, self.write_slots, v)
+        self.lk.view(-1, H, D).index_copy_(0, self.lane_slots, k)
+        self.lv.view(-1, H, D).index_copy_(0, self.lane_slots, v)
+        return (
+            self.lk[: self.rows, : self.length].transpose(1, 2),
+            self.lv[: self.rows, : self.length].transpose(1, 2),
+        )
