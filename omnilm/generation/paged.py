@@ -148,8 +148,8 @@ class Lanes:
     a row's length hold stale finite values which the per-row mask hides, as the padding pages do.
     Costs up to the running rows' keys/values again in memory; the engine uses it in eager decode."""
 
-    def __init__(self, kv: PagedKV):
-        self.kv = kv
+    def __init__(self, kv: PagedKV, min_rows: int = 1):
+        self.kv, self.min_rows = kv, min_rows  # min_rows: the batch size the engine expects
         self.seqs: list = []  # lane order; a seq here is alive, so its id() is not reused
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -174,10 +174,10 @@ class Lanes:
         rows, P = len(self.seqs) + len(new), self.kv.page_size
         need = -(-length // P) * P
         cap_b, cap_s = (self.k[0].shape[0], self.k[0].shape[1]) if self.k else (0, 0)
-        if rows > cap_b or need > cap_s:
+        if rows > cap_b or need > cap_s:  # grown geometrically: a grow zeroes and copies every lane
             self._grow(
-                max(rows, 2 * cap_b if rows > cap_b else cap_b),
-                max(need, 2 * cap_s if need > cap_s else cap_s),
+                max(rows, self.min_rows, 2 * cap_b if rows > cap_b else cap_b),
+                max(need, 16 * P, 2 * cap_s if need > cap_s else cap_s),
             )
         for s in new:
             row = len(self.seqs)
