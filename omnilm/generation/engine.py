@@ -154,7 +154,7 @@ class Engine:
         )
         self.page_size = page_size
         self.device = model.device
-        self.lanes = None if compile else Lanes(self.kv, max_batch)
+        self.lanes = None if compile else Lanes(self.kv, max_batch, self.ctx)
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []

@@ -148,8 +148,10 @@ class Lanes:
     a row's length hold stale finite values which the per-row mask hides, as the padding pages do.
     Costs up to the running rows' keys/values again in memory; the engine uses it in eager decode."""
 
-    def __init__(self, kv: PagedKV, min_rows: int = 1):
+    def __init__(self, kv: PagedKV, min_rows: int = 1, max_len: int | None = None):
         self.kv, self.min_rows = kv, min_rows  # min_rows: the batch size the engine expects
+        P = kv.page_size
+        self.max_slots = -(-max_len // P) * P if max_len else 1 << 40  # the longest a row can be
         self.seqs: list = []  # lane order; a seq here is alive, so its id() is not reused
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -175,10 +177,11 @@ class Lanes:
         need = -(-length // P) * P
         cap_b, cap_s = (self.k[0].shape[0], self.k[0].shape[1]) if self.k else (0, 0)
         if rows > cap_b or need > cap_s:  # grown geometrically: a grow zeroes and copies every lane
-            self._grow(
-                max(rows, self.min_rows, 2 * cap_b if rows > cap_b else cap_b),
-                max(need, 16 * P, 2 * cap_s if need > cap_s else cap_s),
-            )
+            if rows > cap_b:
+                cap_b = max(rows, self.min_rows, 2 * cap_b)
+            if need > cap_s:
+                cap_s = max(need, min(max(16 * P, 2 * cap_s), self.max_slots))
+            self._grow(cap_b, cap_s)
         for s in new:
             row = len(self.seqs)
             self.seqs.append(s)
