@@ -404,14 +404,19 @@ def check_state(expected: dict, state: dict, source: str) -> dict:
         )
     sizes: dict[torch.dtype, int] = {}
     for v in state.values():
-        if v.is_floating_point():
+        if _castable(v):
             sizes[v.dtype] = sizes.get(v.dtype, 0) + v.numel()
     if len(sizes) > 1:
         main = max(sizes, key=sizes.get)
-        state = {k: v.to(main) if v.is_floating_point() and v.dtype != main else v for k, v in state.items()}
+        state = {k: v.to(main) if _castable(v) and v.dtype != main else v for k, v in state.items()}
     if _check_weights.get():
         check_finite(state, source)
     return state
+
+
+def _castable(v: torch.Tensor) -> bool:
+    """float8 tensors are quantized weights or scales (their bits are the format), never cast."""
+    return v.is_floating_point() and v.element_size() > 1
 
 
 def check_finite(state: dict, source: str):
