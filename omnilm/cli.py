@@ -179,7 +179,14 @@ def cmd_quantize(args):
     scheme = get_scheme(args.scheme, args.group_size)  # refused before the weights load
     source = checkpoint_dir(resolve(args.model))
     model = load(source, dtype=args.dtype)
-    names = quantize_model(model, scheme, encoders=args.encoders)
+    names = quantize_model(
+        model,
+        scheme,
+        encoders=args.encoders,
+        head=args.include_head,
+        embeddings=args.include_embeddings,
+        activations=args.activations,
+    )
     tensors, files = save_quantized(model, args.out, source=source)
     print(
         f"wrote {args.out} ({args.scheme}, {len(names)} linear layers, {tensors:,} B of tensors, {files:,} B of files)"
@@ -520,6 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", required=True, help="int8, int4, fp8, nvfp4 or mxfp4")
     p.add_argument("--group-size", type=_positive_int, default=None, help="int4 group: 32, 64 or 128")
     p.add_argument("--encoders", action="store_true", help="quantize the vision/audio encoders too")
+    p.add_argument("--include-head", action="store_true", help="quantize the output head too (untied models)")
+    p.add_argument(
+        "--include-embeddings", action="store_true", help="quantize the token embeddings too (untied models)"
+    )
+    p.add_argument(
+        "--activations", choices=["int8"], default=None, help="int8: dynamic per-token int8 activations (W8A8)"
+    )
     p.add_argument("--dtype", default=None, help="dtype of the unquantized parts and the scales")
     p.add_argument("--out", required=True, help="output directory (written whole or not at all)")
     p.set_defaults(func=cmd_quantize)
