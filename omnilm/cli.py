@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--include-embeddings", action="store_true", help="quantize the token embeddings too (untied models)"
     )
     p.add_argument(
-        "--activations", choices=["int8"], default=None, help="int8: dynamic per-token int8 activations (W8A8)"
+        "--activations", choices=["int8"], default=None, help="int8: dynamic per-token int8 activations"
     )
     p.add_argument("--dtype", default=None, help="dtype of the unquantized parts and the scales")
     p.add_argument("--out", required=True, help="output directory (written whole or not at all)")
