@@ -227,40 +227,82 @@ def worker(args):
     )
 
 
+SPEED_SPECS = {  # label suffix -> quantize_model arguments (group size chosen for the 1024 width)
+    "int8": dict(scheme="int8"),
+    "int4": dict(scheme="int4"),
+    "int8+head": dict(scheme="int8", head=True),
+    "int4+head": dict(scheme="int4", head=True),
+    "w8a8": dict(scheme="int8", activations="int8"),
+    "w8a8+head": dict(scheme="int8", activations="int8", head=True),
+    "fp8": dict(scheme="fp8"),
+    "nvfp4": dict(scheme="nvfp4"),
+    "mxfp4": dict(scheme="mxfp4"),
+}
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _spread(xs, fmt):
+    return f"{fmt.format(_median(xs))} ({fmt.format(min(xs))}-{fmt.format(max(xs))})"
+
+
 def section_speed(args, work: Path) -> list[tuple]:
+    """--rounds rounds; each round runs every row once, one process after the other (the order rotates
+    from round to round), so each ratio is taken between rows of the same round under the same load.
+    Reported: medians over rounds with (min-max)."""
     model = omnilm.build(config_155m(), seed=0)
     model.to(torch.bfloat16).save_pretrained(work / "bf16")
     dirs = {"transformers bf16": work / "bf16", "omnilm bf16": work / "bf16"}
     sizes = {k: tensor_bytes(work / "bf16" / "model.safetensors") for k in dirs}
-    for name in args.speed_schemes:
+    for spec in args.speed_schemes:
+        kw = dict(SPEED_SPECS[spec])
+        name = kw.pop("scheme")
         q = omnilm.load(work / "bf16")
-        quantize_model(q, name, group_for(name, 1024))
-        tensors, _ = save_quantized(q, work / name)
-        dirs[f"omnilm {name}"], sizes[f"omnilm {name}"] = work / name, tensors
+        quantize_model(q, name, group_for(name, 1024), **kw)
+        tensors, _ = save_quantized(q, work / spec)
+        dirs[f"omnilm {spec}"], sizes[f"omnilm {spec}"] = work / spec, tensors
         del q
-    rows, base, hf = [], None, None
-    for label, d in dirs.items():
-        kind = "transformers" if label.startswith("transformers") else "omnilm"
-        cmd = [sys.executable, __file__, "--worker", kind, "--dir", str(d), "--tokens", str(args.tokens)]
-        cmd += ["--threads", str(args.threads), "--device", args.device, "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            rows.append((label, "failed: " + out.stderr.strip().splitlines()[-1], "", "", "", ""))
+    labels = list(dirs)
+    results: dict[str, list[dict]] = {k: [] for k in labels}
+    for rnd in range(args.rounds):
+        order = labels[rnd % len(labels) :] + labels[: rnd % len(labels)]
+        for label in order:
+            kind = "transformers" if label.startswith("transformers") else "omnilm"
+            cmd = [sys.executable, __file__, "--worker", kind, "--dir", str(dirs[label])]
+            cmd += ["--tokens", str(args.tokens), "--threads", str(args.threads)]
+            cmd += ["--device", args.device, "--repeats", str(args.repeats)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                results[label].append({"error": out.stderr.strip().splitlines()[-1]})
+                continue
+            results[label].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  round {rnd + 1}/{args.rounds}: " + ", ".join(
+            f"{k} {results[k][-1].get('tok_s', 0):.1f}" for k in labels
+        ), flush=True)  # fmt: skip
+    rows = []
+    for label in labels:
+        rs = results[label]
+        if any("error" in r for r in rs):
+            rows.append(
+                (label, "failed: " + next(r["error"] for r in rs if "error" in r), "", "", "", "", "")
+            )
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        if label == "omnilm bf16":
-            base = r["tok_s"]
-        if kind == "transformers":
-            hf = r["tok_s"]
+        tok = [r["tok_s"] for r in rs]
+        vs_base = [r["tok_s"] / b["tok_s"] for r, b in zip(rs, results["omnilm bf16"]) if "tok_s" in b]
+        vs_hf = [r["tok_s"] / h["tok_s"] for r, h in zip(rs, results["transformers bf16"]) if "tok_s" in h]
         rows.append(
             (
                 label,
-                f"{r['tok_s']:.1f}",
-                f"{r['tok_s'] / base:.2f}x" if base else "",
-                f"{r['tok_s'] / hf:.2f}x" if hf else "",
+                _spread(tok, "{:.1f}"),
+                _spread(vs_base, "{:.2f}x") if vs_base and label != "transformers bf16" else "",
+                _spread(vs_hf, "{:.2f}x") if vs_hf else "",
                 f"{sizes[label] / 1e6:.0f}",
-                f"{r['rss_mb']:.0f}",
-                ", ".join(r["paths"]),
+                f"{_median([r['rss_mb'] for r in rs]):.0f}",
+                ", ".join(rs[0]["paths"]),
             )
         )
     return rows
@@ -280,8 +322,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
-        "--speed-schemes", default="int8,int4", help="comma list; fp8/nvfp4/mxfp4 are emulated on CPU"
+        "--speed-schemes",
+        default="int8,int4,int8+head,int4+head,w8a8,w8a8+head",
+        help=f"comma list of {', '.join(SPEED_SPECS)} (+head: the output head too; w8a8: int8 dynamic "
+        "activations); fp8/nvfp4/mxfp4 are emulated on CPU",
     )
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds (medians reported)")
     ap.add_argument(
         "--demo-n", type=int, default=200, help="audio and PDF eval samples (draws: n/20 per digit)"
     )
@@ -295,7 +341,7 @@ def main():
     torch.set_num_threads(args.threads)
     args.speed_schemes = [s for s in args.speed_schemes.split(",") if s]
     if args.device.startswith("cuda"):
-        args.speed_schemes = sorted(set(args.speed_schemes) | {"fp8", "int4"}, key=SCHEMES.index)
+        args.speed_schemes += [s for s in ("fp8", "int4") if s not in args.speed_schemes]
     sections = args.sections.split(",")
     print(f"torch {torch.__version__}, {args.device}, {args.threads} thread(s)\n")
     with tempfile.TemporaryDirectory() as tmp:

@@ -189,7 +189,7 @@ def cmd_quantize(args):
     )
     tensors, files = save_quantized(model, args.out, source=source)
     print(
-        f"wrote {args.out} ({args.scheme}, {len(names)} linear layers, {tensors:,} B of tensors, {files:,} B of files)"
+        f"wrote {args.out} ({args.scheme}, {len(names)} layers, {tensors:,} B of tensors, {files:,} B of files)"
     )
 
 

@@ -116,3 +116,18 @@ def test_transformers_fp4_needs_a_16bit_dtype(tmp_path, name):
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad(), pytest.raises(RuntimeError, match="same dtype"):
         hf(input_ids=IDS)
+
+
+def test_cli_include_head_and_embeddings(tmp_path, capsys):
+    from omnilm.cli import main
+
+    tiny_llama().save_pretrained(tmp_path / "src")
+    out = tmp_path / "q"
+    args = ["quantize", "--model", str(tmp_path / "src"), "--scheme", "int8", "--out", str(out)]
+    assert main([*args, "--include-head", "--include-embeddings", "--activations", "int8"]) == 0
+    loaded = omnilm.load(out)
+    lm = loaded.language_model
+    assert isinstance(lm.model.embed_tokens, QuantEmbedding) and lm.lm_head.activations == "int8"
+    assert "int8, 16 layers" in capsys.readouterr().out  # 14 decoder linears, the head, the embeddings
+    assert main([*args, "--scheme", "int4", "--group-size", "32", "--activations", "int8"]) == 2
+    assert "error: quantize: int8 activations need int8 weights" in capsys.readouterr().err
