@@ -131,3 +131,14 @@ def test_cli_include_head_and_embeddings(tmp_path, capsys):
     assert "int8, 16 layers" in capsys.readouterr().out  # 14 decoder linears, the head, the embeddings
     assert main([*args, "--scheme", "int4", "--group-size", "32", "--activations", "int8"]) == 2
     assert "error: quantize: int8 activations need int8 weights" in capsys.readouterr().err
+
+
+def test_tied_file_with_quantized_embeddings_is_refused(tmp_path):
+    from omnilm.errors import CheckpointError
+
+    _, out = _saved(tmp_path, "int8", embeddings=True)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="quantized embeddings in a model with tied embeddings"):
+        omnilm.load(out)

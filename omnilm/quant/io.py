@@ -167,9 +167,10 @@ def tensor_bytes(f: Path) -> int:
 # ---- loading ----------------------------------------------------------------------------------------------
 
 
-def scheme_from_config(qc: dict, source: str) -> tuple[Scheme, list[str], list[str]]:
-    """(scheme, targets, ignore) of a compressed-tensors config; anything else is a CheckpointError
-    naming the key."""
+def scheme_from_config(qc: dict, source: str) -> tuple[Scheme, list[str], list[str], str | None]:
+    """(scheme, targets, ignore, activations) of a compressed-tensors config, activations "int8" for
+    dynamic per-token int8 inputs over int8 weights (W8A8); anything else is a CheckpointError naming
+    the key."""
     where = f"{source}: quantization_config"
     if qc.get("quant_method") != "compressed-tensors":
         raise CheckpointError(
@@ -271,6 +272,12 @@ def load_quantized(path, device=None, dtype=None):
                 q.activations = acts
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name), leaf, q)
+    lm = model.language_model
+    if cfg.decoder.tie_embeddings and isinstance(lm.model.embed_tokens, QuantEmbedding):
+        raise CheckpointError(
+            f"{path}: quantized embeddings in a model with tied embeddings are not supported (the head "
+            "shares their tensor)"
+        )
     state = read_state_dict(path)
     if fmt == "llama":
         state, module = llama_state_from_hf(state, cfg.decoder), model.language_model
