@@ -65,12 +65,25 @@ def _prompt_batch(args, processor, model_dir):
     model's processor_config.json says `"prompt_format": "chat"`."""
     meta_file = model_dir / "processor_config.json"
     fmt = json.loads(meta_file.read_text()).get("prompt_format", "plain") if meta_file.is_file() else "plain"
+    _check_videos(args.video)
+    args.file = args.file + args.video  # a video reads like any file: its parts go before the prompt
     images, audio, files = args.image or None, args.audio or None, args.file or None
     if fmt != "chat":
         return processor(text=args.prompt, images=images, audio=audio, files=files)
     parts = [{"type": "image"} for _ in args.image] + [{"type": "audio"} for _ in args.audio]
     parts += [{"type": "file", "file": f} for f in args.file] + [{"type": "text", "text": args.prompt}]
     return processor(messages=[{"role": "user", "content": parts}], images=images, audio=audio)
+
+
+def _check_videos(paths):
+    from .processing.documents import read_limited, sniff_kind
+    from .processing.video import MAX_VIDEO_BYTES
+
+    for path in paths:
+        data, name = read_limited(path, MAX_VIDEO_BYTES, "video")
+        kind = sniff_kind(data[:4096], name)
+        if kind != "video":
+            raise OmniLMError(f"--video {name}: not a video container (it reads as {kind}); use --file")
 
 
 def _print_stream(tokens, tok) -> list[int]:
@@ -217,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[])
     p.add_argument("--audio", action="append", default=[])
     p.add_argument("--file", action="append", default=[])
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        help="video file (MP4/MOV/WebM/MKV/AVI): frames at the processor's rate, with their sound",
+    )
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
     p.add_argument("--temperature", type=_non_negative, default=0.0)
     p.add_argument("--top-k", type=_positive_int, default=None)

@@ -25,8 +25,10 @@ MAX_EMBEDDED_IMAGE_PIXELS = 4096 * 4096
 
 SUPPORTED_KINDS = (
     "PDF, images (PNG, JPEG, GIF, WebP, BMP), audio (WAV, FLAC, OGG, MP3), "
-    "and UTF-8 text (plain, Markdown, CSV, JSON, HTML)"
+    "video (MP4, MOV, WebM, MKV, AVI), office documents (XLSX, ODS, DOCX, ODT, PPTX, EPUB), "
+    "and text (UTF-8, UTF-16 with a byte-order mark, Latin-1: plain, Markdown, CSV, JSON, HTML)"
 )
+OFFICE_KINDS = ("xlsx", "ods", "docx", "odt", "odp", "pptx", "epub")
 TEXT_EXTENSIONS = {
     ".md": "markdown",
     ".markdown": "markdown",
@@ -49,6 +51,19 @@ def sniff_kind(data: bytes, name: str = "") -> str:
     head = data[:16]
     if data[:1024].lstrip().startswith(b"%PDF-"):
         return "pdf"
+    # A byte-order mark decides before any magic: UTF-16 LE text starts FF FE, which reads as an MPEG
+    # audio frame sync below.
+    bom_text = _decode_text(data) if data.startswith(_BOMS) else None
+    if bom_text is not None:
+        return _text_flavour(bom_text, name)
+    from .video import video_container
+
+    if video_container(head):
+        return "video"
+    if head.startswith(b"PK\x03\x04"):
+        from .office import sniff_zip
+
+        return sniff_zip(data, name)
     if (
         head.startswith(b"\x89PNG\r\n\x1a\n")
         or head.startswith(b"\xff\xd8\xff")
@@ -67,8 +82,12 @@ def sniff_kind(data: bytes, name: str = "") -> str:
     text = _decode_text(data)
     if text is None:
         raise MediaError(
-            f"{name or 'file'}: unsupported file kind (not a known binary format and not UTF-8 text); supported: {SUPPORTED_KINDS}"
+            f"{name or 'file'}: unsupported file kind (not a known binary format and not text); supported: {SUPPORTED_KINDS}"
         )
+    return _text_flavour(text, name)
+
+
+def _text_flavour(text: str, name: str) -> str:
     flavour = TEXT_EXTENSIONS.get(Path(name).suffix.lower()) if name else None
     if flavour:
         return flavour
@@ -84,13 +103,32 @@ def sniff_kind(data: bytes, name: str = "") -> str:
     return "text"
 
 
+_BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
+# C0 controls other than tab, newline, vertical tab, form feed, carriage return and escape, DEL, and the
+# C1 block: Latin-1 text has (almost) none of them, binary data has many
+_CONTROL = bytes([*range(0, 9), *range(14, 27), *range(28, 32), *range(127, 160)])
+
+
 def _decode_text(data: bytes) -> str | None:
+    """Text of UTF-8 (BOM optional), UTF-16 with a BOM, or Latin-1 that looks like text; else None."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            text = data.decode("utf-16")  # the BOM picks the byte order and is dropped
+        except UnicodeDecodeError:
+            return None
+        return None if "\x00" in text else text
     if b"\x00" in data:  # NUL bytes: binary, even when they happen to be valid UTF-8
         return None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
+        pass
+    # Latin-1 decodes every byte string, so it needs a sanity check: at most 1 control byte in 1000
+    sample = data[:65536]
+    controls = len(sample) - len(sample.translate(None, _CONTROL))
+    if controls * 1000 > len(sample):
         return None
+    return data.decode("latin-1")
 
 
 # ---- entry point ----------------------------------------------------------------------------------
@@ -123,8 +161,11 @@ def load_document(
     max_pages: int = MAX_PDF_PAGES,
     max_image_pixels: int = MAX_EMBEDDED_IMAGE_PIXELS,
     password: str | None = None,
+    video: dict | None = None,
 ) -> list[tuple[str, object]]:
-    """Parts [("text", str) | ("image", PIL.Image | path | bytes) | ("audio", path | bytes)] of a file."""
+    """Parts [("text", str) | ("image", PIL.Image | path | bytes) | ("audio", path | bytes)] of a file.
+
+    video: options for load_video (fps, max_frames, audio_chunk_seconds, audio_rate)."""
     data, name = read_limited(source, max_bytes, "document")
     kind = sniff_kind(data, name)
     # Images and audio are decoded (with their own limits) by their processors, from the original source.
@@ -135,6 +176,14 @@ def load_document(
         return [("audio", passthrough)]
     if kind == "pdf":
         return load_pdf(data, name, max_pages=max_pages, max_image_pixels=max_image_pixels, password=password)
+    if kind == "video":
+        from .video import load_video
+
+        return load_video(None, data=data, name=name, **(video or {}))
+    if kind in OFFICE_KINDS:
+        from .office import load_office
+
+        return load_office(data, name, kind, max_image_pixels=max_image_pixels)
     text = _decode_text(data)
     if kind == "html":
         text = html_to_text(text)
