@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
@@ -105,30 +106,29 @@ def _text_flavour(text: str, name: str) -> str:
 
 _BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
 # C0 controls other than tab, newline, vertical tab, form feed, carriage return and escape, DEL, and the
-# C1 block: Latin-1 text has (almost) none of them, binary data has many
-_CONTROL = bytes([*range(0, 9), *range(14, 27), *range(28, 32), *range(127, 160)])
+# C1 block: text has (almost) none of them, binary data has many
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f-\x9f]")
 
 
 def _decode_text(data: bytes) -> str | None:
-    """Text of UTF-8 (BOM optional), UTF-16 with a BOM, or Latin-1 that looks like text; else None."""
+    """Text of UTF-8 (BOM optional), UTF-16 with a BOM, or Latin-1, if at most 1 character in 1000 is a
+    control character (Latin-1 decodes every byte string; control bytes are valid UTF-8); else None."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
             text = data.decode("utf-16")  # the BOM picks the byte order and is dropped
         except UnicodeDecodeError:
             return None
-        return None if "\x00" in text else text
-    if b"\x00" in data:  # NUL bytes: binary, even when they happen to be valid UTF-8
+    elif b"\x00" in data:  # NUL bytes: binary, even when they happen to be valid UTF-8
         return None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        pass
-    # Latin-1 decodes every byte string, so it needs a sanity check: at most 1 control byte in 1000
-    sample = data[:65536]
-    controls = len(sample) - len(sample.translate(None, _CONTROL))
-    if controls * 1000 > len(sample):
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = data.decode("latin-1")
+    sample = text[:65536]
+    if len(_CONTROL.findall(sample)) * 1000 > len(sample):
         return None
-    return data.decode("latin-1")
+    return text
 
 
 # ---- entry point ----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from ..errors import MediaError
 MAX_ZIP_ENTRIES = 10_000
 MAX_UNCOMPRESSED_BYTES = 256 * 1024 * 1024
 MAX_COMPRESSION_RATIO = 200  # XML compresses ~10-30x; a 1000x entry is a bomb
+MAX_XML_PART_BYTES = 32 * 1024 * 1024  # parsed into a DOM (5-10x its size in memory) by the libraries
 RATIO_CHECK_MIN_BYTES = 1024 * 1024  # tiny entries may compress absurdly well (runs of spaces)
 MAX_CELLS = 200_000  # cells read from all sheets together
 MAX_COLUMNS = 1_000  # per row, also what an ODS "repeat this cell n times" may expand to
@@ -83,6 +84,12 @@ def open_zip(data: bytes, name: str) -> zipfile.ZipFile:
             raise MediaError(
                 f"{name}: entry {i.filename!r} expands {i.file_size / max(1, i.compress_size):.0f}x, "
                 f"over the {MAX_COMPRESSION_RATIO}x limit (zip bomb?)"
+            )
+        if i.file_size > MAX_XML_PART_BYTES and i.filename.lower().endswith(
+            (".xml", ".xhtml", ".html", ".htm")
+        ):
+            raise MediaError(
+                f"{name}: part {i.filename!r} is {i.file_size} bytes, over the {MAX_XML_PART_BYTES}-byte limit"
             )
         if i.flag_bits & 0x1:
             raise MediaError(f"{name}: entry {i.filename!r} is encrypted")
