@@ -25,7 +25,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 demo: setup
-	$(VENV)/bin/omnilm demo
+	$(VENV)/bin/omnilm demo --train
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -271,10 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="train and evaluate the tiny multimodal demo model offline")
-    p.add_argument("--quick", action="store_true", help="a reduced run for tests")
+    p = sub.add_parser("demo", help="evaluate (or --train) the tiny multimodal demo model offline")
+    p.add_argument(
+        "--train", action="store_true", help="train from scratch (default: evaluate the bundled checkpoint)"
+    )
+    p.add_argument("--quick", action="store_true", help="a reduced training run for tests (implies --train)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument(
+        "--threads", type=_positive_int, default=None, help="intra-op threads (default: the usable cores)"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tokenizer", help="train tokenizers")

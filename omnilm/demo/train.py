@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from ..config import AudioConfig, DecoderConfig, DiscreteConfig, ImageVQConfig, ModelConfig, VisionConfig
+from ..models.discrete import modality_of, modality_ranges
+from ..models.loss import IGNORE_INDEX, next_token_loss
 from ..models.omni import OmniModel
 from ..processing.audio import AudioProcessor
 from ..processing.image import ImageProcessor
@@ -21,7 +23,7 @@ from ..processing.multimodal import Processor
 from ..tokenizers.text import TextTokenizer
 from ..training.config import OptimConfig
 from ..training.optim import build_optimizer, build_scheduler
-from .data import collate
+from .data import VIDEO_FPS, collate
 
 IMAGE_SIZE = 16
 CODEBOOK = 128
@@ -110,6 +112,8 @@ def build_processor(cfg: ModelConfig, tokenizer: TextTokenizer) -> Processor:
         tokens_per_audio_window=cfg.audio.tokens_per_window,
         image_token_id=cfg.image_token_id,
         audio_token_id=cfg.audio_token_id,
+        video_fps=VIDEO_FPS,
+        max_video_frames=4,
     )
 
 
@@ -186,8 +190,16 @@ def answer_loss(model: OmniModel, batches: list[dict]) -> torch.Tensor:
         targets.append(labels[keep])
     h, targets = torch.cat(hidden), torch.cat(targets)  # (N, D), (N,)
     logits = model.discrete.logits(h, model.language_model.lm_head)  # (N, V_text + V_image)
-    # DiscreteModalities.loss scores logits[t] against labels[t + 1]: shift by one padded position
-    logits = torch.cat([logits, logits.new_zeros(1, logits.shape[-1])])[None]  # (1, N + 1, V)
-    labels = torch.cat([targets.new_full((1,), -100), targets])[None]  # (1, N + 1)
-    loss, _ = model.discrete.loss(logits, labels)
-    return loss
+    # each answer token is scored by its own modality's head (as DiscreteModalities.loss does): the
+    # softmax runs over that head's slice of the vocabulary only
+    modality = modality_of(targets, model.discrete.cfg)
+    total = logits.sum() * 0.0
+    for m, (lo, hi) in enumerate(modality_ranges(model.discrete.cfg)):
+        sel = modality == m
+        if hi == lo or not sel.any():
+            continue
+        # next_token_loss scores logits[t] against labels[t + 1]: shift by one padded position
+        part = torch.cat([logits[sel, lo:hi], logits.new_zeros(1, hi - lo)])[None]  # (1, n + 1, V_m)
+        labels = torch.cat([targets.new_full((1,), IGNORE_INDEX), targets[sel] - lo])[None]  # (1, n + 1)
+        total = total + next_token_loss(part, labels, reduction="sum")
+    return total / len(targets)
