@@ -3,7 +3,8 @@
 `load_document(path_or_bytes)` returns parts such as
     [("text", "Invoice 42 ..."), ("image", <PIL.Image>), ("text", "... total 17")]
 PDF text comes out per page in content-stream order with each embedded image at the point where the
-page draws it; images and audio files are handed on (as their path or bytes) to their processors,
+page draws it; office documents and e-books come from office.py, videos (frames and sound) from
+video.py; images and audio files are handed on (as their path or bytes) to their processors,
 which apply their own limits. Limits on bytes, pages and embedded-image pixels are checked before
 anything is decoded. Every failure a file can cause is a MediaError naming the file.
 """
@@ -44,10 +45,12 @@ TEXT_EXTENSIONS = {
 
 
 def sniff_kind(data: bytes, name: str = "") -> str:
-    """The kind of a file from its bytes: pdf | image | audio | text | markdown | csv | json | html.
+    """The kind of a file from its bytes: pdf | image | audio | video | xlsx | ods | docx | odt | odp |
+    pptx | epub | text | markdown | csv | json | html.
 
-    Magic bytes decide binary kinds; the extension only picks the flavour of a file that is already
-    known to be UTF-8 text. Raises MediaError for anything else.
+    A byte-order mark, then magic bytes decide binary kinds (zip containers by the part names inside);
+    the extension only picks the flavour of a file that is already known to be text. Raises MediaError
+    for anything else.
     """
     head = data[:16]
     if data[:1024].lstrip().startswith(b"%PDF-"):
