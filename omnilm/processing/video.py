@@ -29,6 +29,7 @@ DEFAULT_MAX_FRAMES = 32
 MAX_VIDEO_BYTES = 256 * 1024 * 1024
 MAX_VIDEO_SECONDS = 3 * 3600.0
 MAX_FRAME_PIXELS = 4096 * 4096
+MAX_SOUND_SECONDS = 600.0  # decoded into memory (38 MB at 16 kHz) and all of it becomes audio tokens
 MAX_STREAMS = 16
 MAX_STREAM_FPS = 1000.0  # containers claiming more are broken or hostile
 MAX_SAMPLE_FPS = 30.0  # the rate we sample at; more than the source rate is pointless anyway
@@ -90,6 +91,11 @@ def _open(data: bytes):
 def _load(data, name, fps, max_frames, chunk_seconds, audio_rate, max_seconds, max_pixels):
     with _open(data) as container:
         duration, has_audio = _check_header(container, name, max_seconds, max_pixels)
+        if has_audio and duration > MAX_SOUND_SECONDS:
+            raise MediaError(
+                f"{name}: {duration:.1f} s with a sound track is over the {MAX_SOUND_SECONDS:g}-second limit "
+                "for sound (every second of it becomes audio tokens)"
+            )
         times = sample_times(duration, fps, max_frames)
         frames = _frames(container, name, times, max_pixels)
     if not frames:
@@ -97,7 +103,7 @@ def _load(data, name, fps, max_frames, chunk_seconds, audio_rate, max_seconds, m
     chunks = []
     if has_audio:
         with _open(data) as container:
-            wav = _sound_track(container, name, audio_rate, max_seconds)
+            wav = _sound_track(container, name, audio_rate, min(max_seconds, MAX_SOUND_SECONDS))
         # encoders pad the end (AAC: up to a frame of 1024 samples); the clip ends where the header says
         chunks = _chunks(wav[: int(math.ceil(duration * audio_rate))], audio_rate, chunk_seconds)
 
