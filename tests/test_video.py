@@ -260,3 +260,15 @@ def test_malformed_videos_all(tmp_path):
     cases = malformed_videos()
     assert len(cases) >= 30
     check_malformed(cases, tmp_path, ".mp4")
+
+
+def test_chat_file_part_takes_a_video(clips):
+    _, processor, cfg = _tiny()
+    messages = [
+        {"role": "user", "content": [{"type": "file", "file": clips["sound"]}, {"type": "text", "text": "?"}]}
+    ]
+    batch = processor(messages=messages)
+    ids = batch["input_ids"][0].tolist()
+    assert len(_runs(ids, cfg.image_token_id)) == 4 and len(_runs(ids, cfg.audio_token_id)) == 4
+    assert batch["pixel_values"].shape[0] == 4 and batch["input_features"].shape[0] == 4
+    assert batch["loss_mask"][0][[i for i, t in enumerate(ids) if t == cfg.image_token_id]].sum() == 0
