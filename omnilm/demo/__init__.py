@@ -75,6 +75,8 @@ class DemoSettings:
             eval_sheet=50,
             video_pool=40,
             eval_video=50,
+            # documents keep their 8 PDFs a step next to the 2 sheets; a few videos check the path
+            batch_mix=(("image", 8), ("audio", 16), ("pdf", 10), ("draw", 8), ("video", 4)),
             draws_per_digit=5,
             audio_steps=0,
         )
