@@ -19,6 +19,8 @@ from torch import nn
 
 from ..config import DecoderConfig, ModelConfig, RopeScaling
 from ..errors import CheckpointError
+from . import validate
+from .files import honour_umask
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 OMNILM_CONFIG = "omnilm_config.json"
@@ -45,10 +47,7 @@ def read_config(path) -> dict:
     for name in ("config.json", OMNILM_CONFIG):
         f = path / name
         if f.is_file():
-            try:
-                return json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+            return validate.read_json(f)
     raise CheckpointError(f"{path}: no config.json or {OMNILM_CONFIG}")
 
 
@@ -57,8 +56,7 @@ def read_state_dict(path, prefix: str = "") -> dict[str, torch.Tensor]:
     path = checkpoint_dir(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
+        files = validate.index_files(path, validate.read_json(index), index)
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -69,11 +67,13 @@ def read_state_dict(path, prefix: str = "") -> dict[str, torch.Tensor]:
                 "refused (they can run code): convert them to safetensors"
             )
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    for name in files:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: shard named in the index is missing")
+    validate.check_shards(path, files)
     state = {}
     for name in files:
         f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: shard named in the index is missing")
         try:
             with safe_open(f, framework="pt", device="cpu") as sf:
                 for key in sf.keys():
@@ -100,11 +100,13 @@ def write_state_dict(state: dict[str, torch.Tensor], path, max_shard_bytes: int 
     shards.append(current)
     if len(shards) == 1:
         save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
+        honour_umask(path / "model.safetensors")  # safetensors writes a 0600 temporary file and renames it
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, path / name, metadata={"format": "pt"})
+        honour_umask(path / name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(v.numel() * v.element_size() for v in state.values())
     (path / "model.safetensors.index.json").write_text(
@@ -181,6 +183,7 @@ def load_strict(
     ]
     if bad:
         raise CheckpointError(f"{source}: shape mismatch for {_short(bad)}")
+    state = validate.check_state(expected, state, source)
     if dtype is not None or device is not None:
         state = {
             k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()
@@ -208,6 +211,7 @@ def retie(model):
 
 
 def decoder_config_from_hf(d: dict) -> DecoderConfig:
+    validate.check_hf_decoder(d, "config.json")
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"config.json: hidden_act {act!r} is not supported for llama (expected 'silu')")
@@ -303,13 +307,14 @@ def llama_state_from_hf(state: dict, cfg: DecoderConfig, prefix: str = "") -> di
 def load_llama(path, hf_config: dict, device=None, dtype=None):
     from ..models.omni import OmniModel
 
-    cfg = ModelConfig(decoder=decoder_config_from_hf(hf_config), source=str(path))
+    with validate.config_errors(f"{path}/config.json"):
+        cfg = ModelConfig(decoder=decoder_config_from_hf(hf_config), source=str(path))
+    validate.check_model_size(cfg.decoder, f"{path}/config.json", dtype)
     with init_empty_weights():
         model = OmniModel(cfg)
     state = llama_state_from_hf(read_state_dict(path), cfg.decoder)
     load_strict(model.language_model, state, source=str(path), dtype=dtype, device=device)
     retie(model)
-    model.hf_format = "llama"
     return model.eval()
 
 
@@ -341,52 +346,21 @@ def save_omnilm(model, path):
 
 
 def load_omnilm(path, device=None, dtype=None):
-    from ..models.omni import OmniModel
+    from ..models.builder import model_class
 
     path = checkpoint_dir(path)
-    cfg = ModelConfig.from_dict(json.loads((path / OMNILM_CONFIG).read_text()))
+    source = str(path / OMNILM_CONFIG)
+    with validate.config_errors(source):
+        cfg = ModelConfig.from_dict(validate.read_json(path / OMNILM_CONFIG))
+    validate.check_config_types(cfg, source)
+    validate.check_model_size(cfg.decoder, source, dtype)
+    if cfg.vision is not None or cfg.audio is not None or cfg.discrete is not None:  # sized by a meta build
+        validate.check_config(cfg, source, lambda: model_class(cfg)(cfg), dtype)
     with init_empty_weights():
-        model = OmniModel(cfg)
+        model = model_class(cfg)(cfg)
     state = read_state_dict(path)
     if cfg.decoder.tie_embeddings and "language_model.model.embed_tokens.weight" in state:
         state.setdefault("language_model.lm_head.weight", state["language_model.model.embed_tokens.weight"])
     load_strict(model, state, source=str(path), dtype=dtype, device=device)
     retie(model)
-    model.hf_format = "omnilm"
     return model.eval()
-
-
-# ---- dispatch --------------------------------------------------------------------------------------------
-
-
-def load(path, device=None, dtype=None):
-    path = checkpoint_dir(path)
-    if (path / OMNILM_CONFIG).is_file():
-        return load_omnilm(path, device, dtype)
-    hf = read_config(path)
-    model_type = hf.get("model_type")
-    if model_type == "llama":
-        return load_llama(path, hf, device, dtype)
-    if model_type == "llava":
-        from .vision import load_llava
-
-        return load_llava(path, hf, device, dtype)
-    raise CheckpointError(
-        f"{path}/config.json: model_type {model_type!r} is not supported by omnilm.load "
-        "(expected 'llama', 'llava' or an OmniLM checkpoint)"
-    )
-
-
-def save_pretrained(model, path):
-    fmt = getattr(model, "hf_format", "omnilm")
-    has_extras = (
-        any(getattr(model, n, None) is not None for n in ("vision_tower", "audio_tower"))
-        or model.config.discrete
-    )
-    if fmt == "llama" and not has_extras:
-        return save_llama(model, path)
-    if fmt == "llava" and model.audio_tower is None and not model.config.discrete:
-        from .vision import save_llava
-
-        return save_llava(model, path)
-    return save_omnilm(model, path)

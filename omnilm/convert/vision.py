@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import ModelConfig, VisionConfig
 from ..errors import CheckpointError, ConfigError
+from . import validate
 from .hf import (
     decoder_config_from_hf,
     decoder_config_to_hf,
@@ -168,7 +169,9 @@ def load_vision_encoder(path, hf_config: dict, device=None, dtype=None):
 
     from ..models.vision import VisionTower
 
-    cfg = vision_config_from_hf(hf_config)
+    with validate.config_errors(f"{path}/config.json"):
+        cfg = vision_config_from_hf(hf_config)
+    validate.check_config(cfg, f"{path}/config.json", lambda: VisionTower(cfg), dtype)
     if hf_config.get("model_type") == "llava":
         raise CheckpointError(f"{path}: a llava checkpoint is a whole model; load it with omnilm.load")
     cfg = dataclasses.replace(cfg, feature_layer=None, feature_select="full")
@@ -249,7 +252,9 @@ def load_llava(path, hf_config: dict, device=None, dtype=None):
     from ..models.omni import OmniModel
 
     state = llava_state_to_omni(read_state_dict(path))
-    cfg = llava_model_config(hf_config, has_head=_has_head(state, "vision_tower."))
+    with validate.config_errors(f"{path}/config.json"):
+        cfg = llava_model_config(hf_config, has_head=_has_head(state, "vision_tower."))
+    validate.check_config(cfg, f"{path}/config.json", lambda: OmniModel(cfg), dtype)
     cfg.source = str(path)
     with init_empty_weights():
         model = OmniModel(cfg)
@@ -258,7 +263,6 @@ def load_llava(path, hf_config: dict, device=None, dtype=None):
     state.update({"language_model." + k: v for k, v in lm_state.items()})
     load_strict(model, state, source=str(path), dtype=dtype, device=device)
     retie(model)
-    model.hf_format = "llava"
     return model.eval()
 
 

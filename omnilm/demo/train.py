@@ -17,11 +17,11 @@ from ..config import AudioConfig, DecoderConfig, DiscreteConfig, ImageVQConfig, 
 from ..models.discrete import modality_of, modality_ranges
 from ..models.loss import IGNORE_INDEX, next_token_loss
 from ..models.omni import OmniModel
-from ..processing.audio import AudioProcessor
 from ..processing.image import ImageProcessor
 from ..processing.multimodal import Processor
 from ..tokenizers.text import TextTokenizer
 from ..training.config import OptimConfig
+from ..training.guard import NonFiniteGuard
 from ..training.optim import build_optimizer, build_scheduler
 from .data import VIDEO_FPS, collate
 
@@ -104,23 +104,14 @@ def code_offset(cfg: ModelConfig) -> int:
 
 
 def build_processor(cfg: ModelConfig, tokenizer: TextTokenizer) -> Processor:
-    return Processor(
-        tokenizer,
-        image_processor=ImageProcessor(size=(IMAGE_SIZE, IMAGE_SIZE), resample=2),  # bilinear
-        audio_processor=AudioProcessor.from_config(cfg.audio),
-        tokens_per_image=cfg.vision.tokens_per_image,
-        tokens_per_audio_window=cfg.audio.tokens_per_window,
-        image_token_id=cfg.image_token_id,
-        audio_token_id=cfg.audio_token_id,
-        video_fps=VIDEO_FPS,
-        max_video_frames=4,
-    )
+    image_processor = ImageProcessor(size=(IMAGE_SIZE, IMAGE_SIZE), resample=2)  # bilinear
+    meta = {"video_fps": VIDEO_FPS, "max_video_frames": 4}  # two frames of each 1 s clip
+    return Processor.from_model_config(cfg, tokenizer, image_processor, meta=meta)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> OmniModel:
     torch.manual_seed(seed)
     model = OmniModel(cfg).init_weights()  # Whisper's fixed sinusoidal positions survive init_weights
-    model.hf_format = "omnilm"
     return model
 
 
@@ -151,6 +142,7 @@ def train_model(
     opt = build_optimizer(model, optim_cfg)
     sched = build_scheduler(opt, optim_cfg, steps)
     gen = torch.Generator().manual_seed(seed)
+    guard = NonFiniteGuard(what="demo training")
     model.train()
     losses = []
     start = time.time()
@@ -160,10 +152,7 @@ def train_model(
         mix = audio_first if step < audio_steps else batch_mix
         batches = [collate(sample_fns[task](n, gen), pad_id) for task, n in mix.items()]
         loss = answer_loss(model, batches)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
-        opt.step()
+        guard.step(opt, loss, model.parameters(), optim_cfg.grad_clip, step)
         sched.step()
         losses.append(loss.item())
         if step % 10 == 0 or step == steps - 1:

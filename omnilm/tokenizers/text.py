@@ -103,10 +103,9 @@ class TextTokenizer:
         config = {}
         cfg_file = path / "tokenizer_config.json"
         if cfg_file.is_file():
-            try:
-                config = json.loads(cfg_file.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
+            from ..convert.validate import read_json
+
+            config = read_json(cfg_file, error=ConfigError)
         return cls.from_file(path / "tokenizer.json", config)
 
     @classmethod

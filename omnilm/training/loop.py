@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import PRESETS
-from ..errors import ConfigError, OmniLMError
+from ..errors import ConfigError
+from ..models.loss import next_token_loss
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_train_config
 from .data import IGNORE, ResumableLoader, load_samples, pack
+from .guard import NonFiniteGuard
 from .optim import build_optimizer, build_scheduler, freeze
 
 # dense bf16 peak of the GPUs MFU is reported for (vendor datasheets, without sparsity)
@@ -38,17 +39,17 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 
 def build_model(cfg: TrainConfig, device):
     """A preset with fresh weights (seeded), or a model directory; fp32 master weights, train mode."""
-    import omnilm
+    from .. import api
 
     if cfg.model in PRESETS:
-        model = omnilm.build(cfg.model, seed=cfg.seed)
+        model = api.build(cfg.model, seed=cfg.seed)
     else:
         path = cfg.resolve(cfg.model)
         if not path.is_dir():
             raise ConfigError(
                 f"model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor a directory"
             )
-        model = omnilm.load(path, dtype=torch.float32)
+        model = api.load(path, dtype=torch.float32)
     return model.to(device=device, dtype=torch.float32).train()
 
 
@@ -78,24 +79,7 @@ def load_processor(cfg: TrainConfig, model, tokenizer):
 
     if cfg.model not in PRESETS:
         return load_dir_processor(cfg.resolve(cfg.model))
-    mcfg = model.config
-    image_proc = audio_proc = None
-    if mcfg.vision is not None:
-        from ..processing.image import ImageProcessor
-
-        image_proc = ImageProcessor(size=(mcfg.vision.image_size, mcfg.vision.image_size))
-    if mcfg.audio is not None:
-        from ..processing.audio import AudioProcessor
-
-        audio_proc = AudioProcessor.from_config(mcfg.audio)
-    return Processor(
-        tokenizer,
-        image_processor=image_proc,
-        audio_processor=audio_proc,
-        tokens_per_image=mcfg.vision.tokens_per_image if mcfg.vision is not None else None,
-        image_token_id=mcfg.image_token_id,
-        audio_token_id=mcfg.audio_token_id,
-    )
+    return Processor.from_model_config(model.config, tokenizer)
 
 
 def apply_activation_checkpointing(model):
@@ -167,9 +151,13 @@ class Trainer:
 
         freeze(model, cfg.freeze)
         if cfg.lora is not None:
-            from .lora import apply_lora
+            from .lora import apply_lora, apply_qlora
 
-            apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+            lora = cfg.lora
+            if lora.quantize_base:  # QLoRA: adapters over a frozen 4-bit base
+                apply_qlora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.quantize_base)
+            else:
+                apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.compile:
@@ -187,7 +175,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
         self.step = 0
         if resume:
-            ckpt = latest_checkpoint(self.out / "checkpoints")
+            ckpt = latest_checkpoint(self.out / "checkpoints", log=self.log)
             if ckpt is None:
                 self.log(f"no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
             else:
@@ -213,12 +201,7 @@ class Trainer:
         discrete = getattr(self.model, "discrete", None)
         if discrete is not None:
             return discrete.loss_sums(logits, labels)[0]
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
-            labels[:, 1:].flatten(),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
+        return next_token_loss(logits, labels, reduction="sum")
 
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
         """One optimizer step over this process's micro-batches; returns (loss, grad norm)."""
@@ -250,7 +233,7 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         loss_f, norm_f = float(loss), float(grad_norm)
-        if math.isfinite(loss_f) and math.isfinite(norm_f):
+        if NonFiniteGuard.finite(loss_f, norm_f):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # skipped steps keep their place in the schedule
@@ -271,7 +254,8 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=stop, initial=self.step, desc="train", dynamic_ncols=True)
-        history, bad_streak = [], 0
+        history = []
+        guard = NonFiniteGuard(cfg.max_bad_steps, "training", log=self.log)
         tokens_per_step = cfg.batch_size * cfg.data.seq_len
         try:
             while self.step < stop:
@@ -282,7 +266,7 @@ class Trainer:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 self.step += 1
-                skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+                skipped = not guard.finite(loss, grad_norm)
                 rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": tokens_per_step / dt, "skipped": skipped}  # fmt: skip
                 if self.peak is not None:
@@ -300,20 +284,12 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if skipped:
-                    bad_streak += 1
-                    self.log(
-                        f"step {self.step}: non-finite loss {loss} or grad norm {grad_norm}; update skipped"
-                    )
-                    if bad_streak >= cfg.max_bad_steps:
-                        last = latest_checkpoint(ckpt_root)
-                        raise OmniLMError(
-                            f"{bad_streak} non-finite steps in a row (last: step {self.step}, loss {loss}, grad norm "
-                            f"{grad_norm}); stopped without saving. Last good checkpoint: {last or 'none'}. "
-                            "Lower optim.lr, check the data, or raise max_bad_steps."
-                        )
+                hint = ""
+                if skipped and guard.streak + 1 >= cfg.max_bad_steps:  # about to stop: name the fallback
+                    last = latest_checkpoint(ckpt_root)
+                    hint = f"Nothing saved; last good checkpoint: {last or 'none'}. Or raise max_bad_steps. "
+                if not guard.observe(self.step, loss, grad_norm, hint):
                     continue
-                bad_streak = 0
                 if self.step == stop or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save()
         finally:
