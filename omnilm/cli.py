@@ -227,9 +227,9 @@ def cmd_train(args):
 
 
 def cmd_demo(args):
-    from .demo import cmd_demo as run
+    from .demo import demo_command
 
-    run(args)
+    demo_command(args.out, train=args.train, quick=args.quick, json_output=args.json, threads=args.threads)
 
 
 def cmd_tokenizer_train(args):

@@ -354,23 +354,25 @@ def pick_threads() -> int:
     return max(1, min(cores, 8))
 
 
-def cmd_demo(args):
-    threads = getattr(args, "threads", None) or pick_threads()
-    torch.set_num_threads(threads)
-    quiet = bool(getattr(args, "json", False))
-    say = (lambda *a, **k: None) if quiet else print
-    train = bool(getattr(args, "train", False) or args.quick)
+def demo_command(
+    out="runs/demo", train: bool = False, quick: bool = False, json_output: bool = False, threads=None
+) -> dict:
+    """What `omnilm demo` does: evaluate the bundled checkpoint, or (train/quick) train and evaluate one;
+    prints the table, or one JSON line of METRIC_KEYS with json_output. Returns the metrics."""
+    torch.set_num_threads(threads or pick_threads())
+    say = (lambda *a, **k: None) if json_output else print
+    train = train or quick
     if train:
-        metrics = run_demo(args.out, quick=args.quick, progress=not quiet, say=say)
+        metrics = run_demo(out, quick=quick, progress=not json_output, say=say)
     else:
         say("evaluating the bundled checkpoint (omnilm demo --train trains one from scratch)")
         metrics = evaluate_bundled(say=say)
-    if quiet:
+    if json_output:
         print(json.dumps({k: metrics[k] for k in METRIC_KEYS}))
-        return
+        return metrics
     print(format_table(metrics))
     if train:
         print(
-            f"wrote {Path(args.out) / 'model'}, {Path(args.out) / 'metrics.json'} and "
-            f"{Path(args.out) / 'generated_digits.png'}"
+            f"wrote {Path(out) / 'model'}, {Path(out) / 'metrics.json'} and {Path(out) / 'generated_digits.png'}"
         )
+    return metrics
