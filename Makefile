@@ -32,7 +32,7 @@ test-browser: setup
 	OMNILM_TEST_BROWSER=1 $(PY) -m pytest -q -s tests/test_serve_browser.py $(PYTEST_ARGS)
 
 demo: setup
-	$(VENV)/bin/omnilm demo
+	$(VENV)/bin/omnilm demo --train
 
 lint: setup
 	$(VENV)/bin/ruff check .
