@@ -56,7 +56,7 @@ def sniff_zip(data: bytes, name: str) -> str:
             return "epub"
         if mimetype in _ODF_MIMETYPES:
             return _ODF_MIMETYPES[mimetype]
-    from .documents import SUPPORTED_KINDS
+    from .textio import SUPPORTED_KINDS
 
     raise MediaError(
         f"{name}: a zip archive that is not an office document or e-book; supported: {SUPPORTED_KINDS}"
@@ -356,7 +356,7 @@ def _epub(data, name, images):
     import ebooklib
     from ebooklib import epub
 
-    from .documents import html_to_text
+    from .textio import html_to_text
 
     book = epub.read_epub(io.BytesIO(data), options={"ignore_ncx": True})
     spine = [item_id for item_id, *_ in book.spine]

@@ -69,7 +69,7 @@ def load_video(
     """Parts [("text", "<t=..s>"), ("image", PIL.Image), ("audio", WAV bytes), ...] in time order."""
     check_video_options(fps, max_frames)
     if data is None:
-        from .documents import read_limited
+        from .textio import read_limited
 
         data, name = read_limited(source, max_bytes, "video")
     name = name or "<video bytes>"
