@@ -53,6 +53,7 @@ def build(preset="tiny", device=None, dtype=None, seed: int | None = 0):
     import torch
 
     from .config import ModelConfig, get_preset
+    from .convert.export import remember_bundled_tokenizer
     from .models.omni import OmniModel
 
     cfg = preset if isinstance(preset, ModelConfig) else get_preset(preset)
@@ -62,6 +63,7 @@ def build(preset="tiny", device=None, dtype=None, seed: int | None = 0):
     model.hf_format = (
         "llama" if cfg.vision is None and cfg.audio is None and cfg.discrete is None else "omnilm"
     )
+    remember_bundled_tokenizer(model)  # save_pretrained writes the tokenizer the preset was made for
     return model.to(device=device, dtype=_dtype(dtype)).eval()
 
 

@@ -360,17 +360,19 @@ def load_omnilm(path, device=None, dtype=None):
 
 
 def load(path, device=None, dtype=None):
+    from .export import remember_source
+
     path = checkpoint_dir(path)
     if (path / OMNILM_CONFIG).is_file():
-        return load_omnilm(path, device, dtype)
+        return remember_source(load_omnilm(path, device, dtype), path)
     hf = read_config(path)
     model_type = hf.get("model_type")
     if model_type == "llama":
-        return load_llama(path, hf, device, dtype)
+        return remember_source(load_llama(path, hf, device, dtype), path)
     if model_type == "llava":
         from .vision import load_llava
 
-        return load_llava(path, hf, device, dtype)
+        return remember_source(load_llava(path, hf, device, dtype), path)
     raise CheckpointError(
         f"{path}/config.json: model_type {model_type!r} is not supported by omnilm.load "
         "(expected 'llama', 'llava' or an OmniLM checkpoint)"
@@ -383,10 +385,15 @@ def save_pretrained(model, path):
         any(getattr(model, n, None) is not None for n in ("vision_tower", "audio_tower"))
         or model.config.discrete
     )
+    from .export import write_export_files
+
     if fmt == "llama" and not has_extras:
-        return save_llama(model, path)
+        save_llama(model, path)
+        return write_export_files(model, path)
     if fmt == "llava" and model.audio_tower is None and not model.config.discrete:
         from .vision import save_llava
 
-        return save_llava(model, path)
-    return save_omnilm(model, path)
+        save_llava(model, path)
+        return write_export_files(model, path)
+    save_omnilm(model, path)
+    write_export_files(model, path, hf_format=False)

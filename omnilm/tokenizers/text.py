@@ -157,7 +157,9 @@ class TextTokenizer:
         def name(tok_id):
             return None if tok_id is None else self.id_to_token(tok_id)
 
-        return {
+        from .chat import chat_template
+
+        out = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": name(self.bos_token_id),
             "eos_token": name(self.eos_token_id),
@@ -168,6 +170,15 @@ class TextTokenizer:
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000,
         }
+        # vLLM's chat endpoint refuses a model without a template; transformers' processors (LLaVA's)
+        # read the media tokens as `tokenizer.image_token`, which extra_special_tokens declares.
+        template = chat_template(self)
+        if template is not None:
+            out["chat_template"] = template
+        extra = {k: out[k] for k in ("image_token", "audio_token") if out[k] is not None}
+        if extra:
+            out["extra_special_tokens"] = extra
+        return out
 
     def __repr__(self):
         return f"TextTokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
