@@ -17,6 +17,7 @@ from tokenizers import AddedToken
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..tokenizers.text import AUDIO, IMAGE, TextTokenizer
+from .export import remember_source, write_export_files
 from .hf import (
     checkpoint_dir,
     decoder_config_from_hf,
@@ -148,4 +149,6 @@ def compose(text, vision=None, audio=None, out=None, seed: int = 0):
             image_token_id=cfg.image_token_id,
             audio_token_id=cfg.audio_token_id,
         ).save_pretrained(out)
+        # complete the tokenizer just written (chat template) and derive the eos ids from it
+        write_export_files(remember_source(model, out), out, hf_format=model.hf_format != "omnilm")
     return model

@@ -117,7 +117,7 @@ def write_export_files(model, path, hf_format: bool = True) -> None:
     gen_src = src / "generation_config.json" if src is not None else None
     if gen_src is not None and gen_src.is_file() and gen_src.resolve() != (path / gen_src.name).resolve():
         shutil.copyfile(gen_src, path / "generation_config.json")
-    elif not (path / "generation_config.json").is_file():
+    else:
         gen = generation_config(model.config.decoder, tok)
         (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if model.config.vision is not None and tok is not None:
@@ -136,11 +136,25 @@ def write_processor_files(model, src: Path, path: Path, tok: TextTokenizer) -> N
     else:
         pre = ImageProcessor(size=(v.image_size, v.image_size)).to_dict()
     (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    if (src / "chat_template.json").is_file() and src.resolve() != path.resolve():  # a Hub processor's
+        shutil.copyfile(src / "chat_template.json", path / "chat_template.json")
     meta_src = src / "processor_config.json"
     meta = json.loads(meta_src.read_text()) if meta_src.is_file() else {}
     meta.setdefault("tokens_per_image", v.tokens_per_image)
     meta.setdefault("image_token_id", model.config.image_token_id)
     meta.setdefault("prompt_format", "plain")
+    # transformers' LlavaProcessor (which AutoProcessor and vLLM build from this file) expands one image
+    # token into (image_size / patch_size)^2 + CLS - (1 if "default") copies: OmniLM's tokens_per_image
+    meta.update(
+        processor_class="LlavaProcessor",
+        patch_size=v.patch_size,
+        vision_feature_select_strategy=v.feature_select,
+        num_additional_image_tokens=1 if v.kind == "clip" else 0,
+        image_token=tok.id_to_token(model.config.image_token_id),
+    )
+    template = tok.hf_config().get("chat_template")
+    if template is not None:  # a processor reads its template from here, not from the tokenizer's
+        meta.setdefault("chat_template", template)
     (path / "processor_config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 

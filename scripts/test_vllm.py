@@ -1,0 +1,413 @@
+"""`make test-vllm`: every family OmniLM exports, served by vLLM's CPU build, against OmniLM's own tokens.
+
+Two halves in two environments (vLLM pins its own transformers, so it lives in its own venv):
+  prepare  (OmniLM's venv)  build each family's export the way users make it (build/compose + save_pretrained),
+                            with weights hot enough that greedy decoding does not repeat one token; record
+                            OmniLM's greedy tokens for 4 prompts; check transformers loads the directory
+                            with equal logits
+  serve    (vLLM's venv)    one process per row: vllm.LLM(dir) offline greedy on the same prompts, its
+                            tokenizer's ids for the prompt text, and its chat template through LLM.chat
+The table (family, dtype, loads, greedy identical, tokenizer / chat template, transformers, reason for any
+no) goes to stdout and, as Markdown, to --markdown.
+
+    python scripts/test_vllm.py --vllm-python .venv-vllm/bin/python [--only llama,llava] [--keep DIR]
+
+Rows are a table (FAMILIES): a new family adds one builder that writes its export and returns its prompts.
+vLLM's CPU attention needs head_dim >= 32, so these models use 32 (the `tiny` preset's 16 cannot be served).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+HOT_STD = 0.2  # init std that makes greedy continuations varied (0.02 gives near-flat logits)
+NEW_TOKENS = 12
+PROMPTS = ["The quick brown fox", "Describe the image.", "What is 12 plus 7?", "Once upon a time, in a"]
+
+
+@dataclass
+class Row:
+    family: str
+    dtype: str
+    build: object  # (out_dir, dtype) -> list of prompt dicts {"text", "image"(path|None)}
+    result: dict = field(default_factory=dict)
+
+
+class NotExported(Exception):
+    """This branch has no exporter for the family (the reason goes in the table)."""
+
+
+# ---- exports (OmniLM side) ------------------------------------------------------------------------------
+
+
+def _decoder(**kw):
+    from omnilm.config import DecoderConfig, RopeScaling
+
+    base = dict(
+        vocab_size=2048,  # the bundled tokenizer's
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,  # head_dim 32: vLLM CPU's smallest
+        num_kv_heads=2,
+        intermediate_size=256,
+        max_seq_len=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=HOT_STD,
+        tie_embeddings=True,
+        rope_scaling=RopeScaling(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=256
+        ),
+    )
+    return DecoderConfig(**{**base, **kw})
+
+
+def _heat(model, seed=0):
+    """Weights away from init: matrices ~N(0, HOT_STD), vectors (norms, biases) perturbed around theirs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(noise * HOT_STD if p.dim() > 1 else p + 0.1 * noise)
+    return model
+
+
+def build_llama(out: Path, dtype: str):
+    """`omnilm.build` (tied embeddings, Llama-3 rope scaling) + save_pretrained."""
+    import omnilm
+    from omnilm.config import ModelConfig
+
+    model = _heat(omnilm.build(ModelConfig(decoder=_decoder())))
+    model.to(getattr(torch, dtype)).save_pretrained(out)
+    return [{"text": t, "image": None} for t in PROMPTS]
+
+
+def build_llava(out: Path, dtype: str):
+    """`omnilm compose` of a Llama and a SigLIP tower (the production path), heated, then save_pretrained."""
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    import omnilm
+    from omnilm.config import ModelConfig
+    from omnilm.convert.compose import compose
+
+    parts = out.parent / f"{out.name}-parts"
+    _heat(omnilm.build(ModelConfig(decoder=_decoder(rope_scaling=None)))).save_pretrained(parts / "llama")
+    siglip = transformers.SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    transformers.SiglipVisionModel(siglip).save_pretrained(parts / "siglip")
+    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(parts / "siglip")
+    model = compose(parts / "llama", vision=parts / "siglip", out=parts / "composed")
+    _heat(model, seed=1).to(getattr(torch, dtype)).save_pretrained(out)
+    prompts = []
+    for i, text in enumerate(PROMPTS):
+        image = None
+        if i % 2 == 1 or i == 0:  # three prompts with an image, one text-only
+            rgb = (np.random.RandomState(i).rand(32, 32, 3) * 255).astype("uint8")
+            image = str(out.parent / f"{out.name}-image{i}.png")
+            Image.fromarray(rgb).save(image)
+        prompts.append({"text": ("<|image|>" if image else "") + text, "image": image})
+    return prompts
+
+
+def not_on_this_branch(what):
+    def build(out, dtype):
+        raise NotExported(what)
+
+    return build
+
+
+FAMILIES = [
+    Row("llama", "float32", build_llama),
+    Row("llama", "bfloat16", build_llama),
+    Row("llava", "float32", build_llava),
+    Row("qwen2", "float32", not_on_this_branch("no qwen2 exporter on this branch (issue 15)")),
+    Row("mllama", "float32", not_on_this_branch("no mllama exporter on this branch (issue 14)")),
+    Row("qwen2_audio", "float32", not_on_this_branch("no qwen2_audio exporter on this branch (issue 15)")),
+    Row(
+        "compressed-tensors",
+        "int8/fp8/int4",
+        not_on_this_branch("no compressed-tensors export on this branch (issue 13)"),
+    ),
+]
+
+
+def omnilm_tokens(out: Path, prompts: list[dict]) -> list[dict]:
+    """OmniLM's prompt ids and greedy tokens, from the exported directory (load + load_processor)."""
+    from PIL import Image
+
+    import omnilm
+
+    model, proc = omnilm.load(out), omnilm.load_processor(out)
+    for p in prompts:
+        images = [Image.open(p["image"])] if p["image"] else None
+        batch = proc(text=p["text"], images=images)
+        ids = batch["input_ids"]
+        new = model.generate(ids, max_new_tokens=NEW_TOKENS, pixel_values=batch.get("pixel_values"))
+        p["prompt_ids"] = ids[0].tolist()
+        p["expected"] = new[0, ids.shape[1] :].tolist()
+        p["omnilm_varied"] = len(set(p["expected"])) > 2
+    return prompts
+
+
+def transformers_check(out: Path, prompts: list[dict]) -> str:
+    """'yes' when transformers loads the directory (Auto classes) and its logits equal OmniLM's."""
+    import transformers
+    from PIL import Image
+
+    import omnilm
+
+    hf_cfg = json.loads((out / "config.json").read_text())
+    model = omnilm.load(out)
+    if hf_cfg["model_type"] == "llava":
+        hf = transformers.LlavaForConditionalGeneration.from_pretrained(out)
+        proc = transformers.AutoProcessor.from_pretrained(out)
+    else:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+        proc = None
+    hf.eval()
+    worst = 0.0
+    for p in prompts:
+        ids = torch.tensor([p["prompt_ids"]])
+        kw = {}
+        if p["image"]:
+            kw["pixel_values"] = proc(text=p["text"], images=[Image.open(p["image"])], return_tensors="pt")[
+                "pixel_values"
+            ].to(model.dtype)
+        with torch.no_grad():
+            a = hf(input_ids=ids, **kw).logits.float()
+            b = model(input_ids=ids, **kw).logits.float()
+        worst = max(worst, (a - b).abs().max().item())
+    tol = 1e-4 if model.dtype == torch.float32 else 5e-2
+    return "yes" if worst <= tol else f"no: max |logit diff| {worst:.2g}"
+
+
+def prepare(row: Row, work: Path) -> dict | None:
+    out = work / f"{row.family}-{row.dtype}"
+    try:
+        prompts = row.build(out, row.dtype)
+    except NotExported as e:
+        row.result = {"reason": str(e)}
+        return None
+    prompts = omnilm_tokens(out, prompts)
+    try:
+        row.result["transformers"] = transformers_check(out, prompts)
+    except Exception as e:  # any failure is a table entry, not a crash of the whole run
+        row.result["transformers"] = f"no: {type(e).__name__}: {str(e)[:120]}"
+    case = {"dir": str(out), "dtype": row.dtype, "prompts": prompts, "new_tokens": NEW_TOKENS}
+    (out.parent / f"{out.name}.case.json").write_text(json.dumps(case, indent=1))
+    return case
+
+
+# ---- serving (vLLM side; runs in vLLM's venv without omnilm) -----------------------------------------
+
+
+def serve(case_file: str) -> None:
+    """One row in vLLM: prints a JSON result line `RESULT {...}`."""
+    from vllm import LLM, SamplingParams
+
+    case = json.loads(Path(case_file).read_text())
+    result = {"loads": "no", "greedy": "no", "tokenizer": "no", "chat": "no", "notes": []}
+    try:
+        llm = LLM(model=case["dir"], dtype=case["dtype"], max_model_len=512, enforce_eager=True, seed=0)
+    except Exception as e:
+        result["notes"].append(f"vLLM cannot load: {_last_line(e)}")
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    result["loads"] = "yes"
+    tok = llm.get_tokenizer()
+    same_ids = all(tok.encode(p["text"]) == p["prompt_ids"] or p["image"] for p in case["prompts"])
+    result["tokenizer"] = "yes" if same_ids else "no"
+    if not same_ids:
+        result["notes"].append("vLLM's tokenizer gives other prompt ids")
+    try:
+        chat = llm.chat(
+            [{"role": "user", "content": "What is 12 plus 7?"}], SamplingParams(temperature=0.0, max_tokens=4)
+        )
+        result["chat"] = "yes" if chat[0].outputs[0].token_ids else "no"
+    except Exception as e:
+        result["notes"].append(f"chat: {_last_line(e)}")
+    sp = SamplingParams(temperature=0.0, max_tokens=case["new_tokens"], ignore_eos=True)
+    inputs = []
+    for p in case["prompts"]:
+        item = {"prompt_token_ids": p["prompt_ids"]}
+        if p["image"]:  # text prompt: vLLM's processor expands the image token itself
+            from PIL import Image
+
+            item = {"prompt": p["text"], "multi_modal_data": {"image": Image.open(p["image"]).convert("RGB")}}
+        inputs.append(item)
+    try:
+        outs = llm.generate(inputs, sp)
+        got = [list(o.outputs[0].token_ids) for o in outs]
+        same = [g == p["expected"] for g, p in zip(got, case["prompts"])]
+        result["greedy"] = "yes" if all(same) else f"no ({sum(same)}/{len(same)})"
+        for g, p, ok in zip(got, case["prompts"], same):
+            if not ok:
+                first = next(i for i, (a, b) in enumerate(zip(g, p["expected"])) if a != b)
+                result["notes"].append(f"{p['text'][:24]!r}: first differs at new token {first}")
+        result["prompts_with_image"] = sum(1 for p in case["prompts"] if p["image"])
+    except Exception as e:
+        result["notes"].append(f"generate: {_last_line(e)}")
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _last_line(e: Exception) -> str:
+    text = f"{type(e).__name__}: {e}".strip().splitlines()
+    return text[-1][:200] if text else type(e).__name__
+
+
+def run_vllm(python: str, case_file: Path, log: Path) -> dict:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env.pop("PYTHONPATH", None)  # vLLM's venv has its own transformers; omnilm is not needed there
+    with open(log, "w") as f:
+        proc = subprocess.run(
+            [python, __file__, "--serve", str(case_file)],
+            stdout=subprocess.PIPE,
+            stderr=f,
+            text=True,
+            env=env,
+        )
+    result = {"notes": [f"vLLM process exited {proc.returncode} without a result (see {log})"]}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT ") :])
+    if result.get("loads") != "yes":  # the root cause is in vLLM's log, not in the exception it raised
+        causes = [
+            ln.split("] ")[-1].strip() for ln in log.read_text().splitlines() if "ModuleNotFoundError" in ln
+        ]
+        if causes:
+            result["notes"] = [f"vLLM cannot load: {causes[-1]}" + CAUSES.get(causes[-1], "")]
+    return result
+
+
+# why a missing module stops vLLM, as found on the 2-core CPU VM (2026-11-30, vllm-cpu 0.32.0)
+CAUSES = {
+    "ModuleNotFoundError: No module named 'torchvision'": (
+        " (vLLM's llava.py imports pixtral.py, which imports transformers' PixtralImageProcessor, which"
+        " imports torchvision at the top; PyPI's torchvision 0.28.0 is a CUDA build whose _C.so needs"
+        " libc10_cuda.so, so beside torch 2.13.0+cpu it fails to import ('operator torchvision::nms does not"
+        " exist'); PyPI has no torchvision sdist; where download.pytorch.org is reachable install the CPU wheel:"
+        " make test-vllm VLLM_TORCHVISION='torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu')"
+    ),
+}
+
+
+# ---- the table -----------------------------------------------------------------------------------------
+
+COLUMNS = (
+    "family",
+    "dtype",
+    "loads",
+    "greedy identical",
+    "tokenizer / chat template",
+    "transformers",
+    "reason for any no",
+)
+
+
+def table_rows(rows: list[Row]) -> list[tuple]:
+    out = []
+    for r in rows:
+        res = r.result
+        if "loads" not in res:
+            no = "no" if "reason" not in res or "transformers" in res else "-"
+            out.append(
+                (
+                    r.family,
+                    r.dtype,
+                    no,
+                    no,
+                    no,
+                    res.get("transformers", "-"),
+                    "; ".join([res.get("reason", "")] + res.get("notes", [])).strip("; "),
+                )
+            )
+            continue
+        tok = f"{res['tokenizer']} / {res['chat']}"
+        out.append(
+            (
+                r.family,
+                r.dtype,
+                res["loads"],
+                res["greedy"],
+                tok,
+                res.get("transformers", "-"),
+                "; ".join(res["notes"]),
+            )
+        )
+    return out
+
+
+def markdown(rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of the venv with vllm-cpu")
+    ap.add_argument("--only", default=None, help="comma-separated families (default: all rows)")
+    ap.add_argument("--keep", default=None, help="write exports and logs here and keep them")
+    ap.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
+    ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        return serve(args.serve)
+
+    torch.set_num_threads(1)
+    rows = [r for r in FAMILIES if not args.only or r.family in args.only.split(",")]
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="omnilm-vllm-"))
+    work.mkdir(parents=True, exist_ok=True)
+    have_vllm = Path(args.vllm_python).is_file()
+    for r in rows:
+        print(f"== {r.family} {r.dtype}", flush=True)
+        try:
+            case = prepare(r, work)
+        except Exception:
+            r.result = {"reason": "export failed: " + traceback.format_exc().strip().splitlines()[-1][:200]}
+            continue
+        if case is None:
+            continue
+        if not all(p["omnilm_varied"] for p in case["prompts"]):
+            r.result.setdefault("notes", []).append("OmniLM's greedy output repeats (weights not hot enough)")
+        if not have_vllm:
+            r.result.setdefault("notes", []).append(f"no vLLM at {args.vllm_python}")
+            continue
+        name = f"{r.family}-{r.dtype}"
+        r.result.update(run_vllm(args.vllm_python, work / f"{name}.case.json", work / f"{name}.vllm.log"))
+    table = table_rows(rows)
+    widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *table)]
+    for row in [COLUMNS, *table]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(table) + "\n")
+    ok = all(
+        r.result.get("greedy") == "yes"
+        for r in rows
+        if r.family in ("llama", "llava") and r.dtype == "float32"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
