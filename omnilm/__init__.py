@@ -1,103 +1,20 @@
 """OmniLM: multimodal decoder-only language models in PyTorch.
 
-The public API (kept stable; see ARCHITECTURE.md): load, build, load_encoder, load_processor, load_codec.
+The public API (kept stable; see ARCHITECTURE.md): load, build, load_encoder, load_processor, load_codec,
+Pipeline. Implemented in omnilm/api.py and omnilm/pipeline.py; `import omnilm` itself imports no torch.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from .api import BUNDLED_MODELS, build, load, load_codec, load_encoder, load_processor
 
 __version__ = "0.1.0"
-__all__ = ["load", "build", "load_encoder", "load_processor", "load_codec", "BUNDLED_MODELS"]
-
-_ASSETS = Path(__file__).parent / "assets"
-# names that stand for checkpoints shipped inside the package
-BUNDLED_MODELS = {"demo": _ASSETS / "demo"}
+__all__ = ["load", "build", "load_encoder", "load_processor", "load_codec", "Pipeline", "BUNDLED_MODELS"]
 
 
-def _resolve(path) -> Path:
-    if isinstance(path, str) and path in BUNDLED_MODELS:
-        return BUNDLED_MODELS[path]
-    return Path(path)
+def __getattr__(name):  # Pipeline imports torch: only when asked for, so `omnilm plan` starts fast
+    if name == "Pipeline":
+        from .pipeline import Pipeline
 
-
-def _dtype(dtype):
-    import torch
-
-    from .errors import ConfigError
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in names:
-        raise ConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(names)}")
-    return names[dtype]
-
-
-def load(path, device=None, dtype=None):
-    """A model from a Hugging Face directory (llama, llava) or an OmniLM checkpoint directory."""
-    from .convert.hf import load as _load
-
-    return _load(_resolve(path), device=device, dtype=_dtype(dtype))
-
-
-def build(preset="tiny", device=None, dtype=None, seed: int | None = 0):
-    """A model with fresh weights from a preset name or a ModelConfig."""
-    import torch
-
-    from .config import ModelConfig, get_preset
-    from .convert.export import remember_bundled_tokenizer
-    from .models.omni import OmniModel
-
-    cfg = preset if isinstance(preset, ModelConfig) else get_preset(preset)
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = OmniModel(cfg).init_weights()
-    model.hf_format = (
-        "llama" if cfg.vision is None and cfg.audio is None and cfg.discrete is None else "omnilm"
-    )
-    remember_bundled_tokenizer(model)  # save_pretrained writes the tokenizer the preset was made for
-    return model.to(device=device, dtype=_dtype(dtype)).eval()
-
-
-def load_encoder(path, device=None, dtype=None):
-    """A vision (SigLIP/CLIP) or audio (Whisper/wav2vec2) encoder; encoder(x) -> last hidden state [B, N, D]."""
-    from .convert.hf import read_config
-    from .errors import CheckpointError
-
-    path = _resolve(path)
-    hf = read_config(path)
-    model_type = hf.get("model_type")
-    if model_type in ("siglip_vision_model", "clip_vision_model", "siglip", "clip"):
-        from .convert.vision import load_vision_encoder
-
-        return load_vision_encoder(path, hf, device=device, dtype=_dtype(dtype))
-    if model_type in ("whisper", "wav2vec2"):
-        from .convert.audio import load_audio_encoder
-
-        return load_audio_encoder(path, hf, device=device, dtype=_dtype(dtype))
-    raise CheckpointError(
-        f"{path}/config.json: model_type {model_type!r} is not an encoder OmniLM loads "
-        "(expected siglip_vision_model, clip_vision_model, whisper or wav2vec2)"
-    )
-
-
-def load_processor(path):
-    """The processor of a model directory: text tokenizer plus image/audio preprocessing."""
-    from .processing.multimodal import load_processor as _load_processor
-
-    return _load_processor(_resolve(path))
-
-
-def load_codec(path):
-    """An image VQ-VAE or audio codec (OmniLM directory, or a Hugging Face EnCodec directory)."""
-    from .convert.codec import load_codec as _load_codec
-
-    return _load_codec(_resolve(path))
+        return Pipeline
+    raise AttributeError(f"module 'omnilm' has no attribute {name!r}")

@@ -20,88 +20,50 @@ def cmd_plan(args):
 
 
 def cmd_generate(args):
-    import omnilm
-
-    from .convert.hf import checkpoint_dir
+    from .pipeline import Pipeline
 
     # Inputs are read (and refused) before the weights load: a bad file should not wait for the model.
     _check_device(args.device)
-    model_dir = checkpoint_dir(omnilm._resolve(args.model))
-    processor = omnilm.load_processor(model_dir)
-    batch = _prompt_batch(args, processor, model_dir)
     dtype = args.dtype or ("bfloat16" if args.device and args.device.startswith("cuda") else None)
-    model = omnilm.load(model_dir, device=args.device, dtype=dtype)
-    tok = processor.tokenizer
-    eos = [i for i in (tok.eos_token_id, tok.eot_token_id) if i is not None]
-    settings = dict(
-        attention_mask=batch["attention_mask"],
-        pixel_values=batch["pixel_values"],
-        input_features=batch["input_features"],
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype)
+    prompt = pipe.encode(args.prompt, args.image, args.audio, args.file)
+    config = pipe.config(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
-        eos_token_id=eos or None,
+        guidance_scale=args.guidance_scale,
     )
-    if args.guidance_scale is not None:  # classifier-free guidance of image spans (discrete models)
-        if getattr(model, "discrete", None) is None:
-            raise OmniLMError(
-                "--guidance-scale: this model does not generate images (it has no discrete config)"
-            )
-        settings["guidance_scale"] = args.guidance_scale
-    ids = batch["input_ids"]
-    if args.stream:
-        new = _print_stream(model.stream(ids, **settings), tok)
-    else:
-        new = model.generate(ids, **settings)[0, ids.shape[1] :].tolist()
-        print(tok.decode(new))
+    try:
+        req = pipe.submit(prompt, config=config)
+        if args.stream:
+            for piece in req.pieces():
+                print(piece, end="", flush=True)
+            print(flush=True)
+        out = req.result()
+        if not args.stream:
+            print(out.text)
+    finally:
+        pipe.close()
     if args.output_image or args.output_audio:
-        _write_media(model, args, ids[0].tolist() + new, model_dir)
+        _write_media(out, args)
 
 
-def _prompt_batch(args, processor, model_dir):
-    """The prompt as the model was trained to read it: plain text, or the chat template when the
-    model's processor_config.json says `"prompt_format": "chat"`."""
-    meta_file = model_dir / "processor_config.json"
-    fmt = json.loads(meta_file.read_text()).get("prompt_format", "plain") if meta_file.is_file() else "plain"
-    images, audio, files = args.image or None, args.audio or None, args.file or None
-    if fmt != "chat":
-        return processor(text=args.prompt, images=images, audio=audio, files=files)
-    parts = [{"type": "image"} for _ in args.image] + [{"type": "audio"} for _ in args.audio]
-    parts += [{"type": "file", "file": f} for f in args.file] + [{"type": "text", "text": args.prompt}]
-    return processor(messages=[{"role": "user", "content": parts}], images=images, audio=audio)
-
-
-def _print_stream(tokens, tok) -> list[int]:
-    """Print text as tokens arrive (whole characters only); returns the new ids."""
-    from .generation.text import TextStream
-
-    text, new = TextStream(tok), []
-    for t in tokens:
-        new.append(int(t[0]))
-        print(text.push(t[0]), end="", flush=True)
-    print(text.finish(), flush=True)
-    return new
-
-
-def _write_media(model, args, ids, model_dir):
-    from .generation.spans import decode_media
-
-    images, waves = decode_media(model, ids, model_dir=model_dir)
+def _write_media(out, args):
     if args.output_image:
-        if not images:
+        if not out.images:
             raise OmniLMError(
                 "--output-image: the model generated no image span (try a prompt that asks for one)"
             )
-        images[0].save(args.output_image)
+        out.images[0].save(args.output_image)
         print(f"wrote {args.output_image}")
     if args.output_audio:
-        if not waves:
+        if not out.audio:
             raise OmniLMError("--output-audio: the model generated no audio span")
         import soundfile
 
-        wave, rate = waves[0]
+        wave, rate = out.audio[0]
         soundfile.write(args.output_audio, wave, rate)
         print(f"wrote {args.output_audio}")
 

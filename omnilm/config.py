@@ -461,6 +461,17 @@ class ModelConfig:
     audio_token_id: int | None = None
     source: str = ""  # where the preset's numbers come from
 
+    @property
+    def hf_format(self) -> str:
+        """How save_pretrained writes this model, a function of the config alone: "llama" (a plain
+        decoder), "llava" (plus a LLaVA-shaped vision tower), else "omnilm" (OmniLM's own format)."""
+        if self.audio is None and self.discrete is None:
+            if self.vision is None:
+                return "llama"
+            if self.vision.pixel_shuffle == 1 and self.vision.feature_layer is not None:
+                return "llava"
+        return "omnilm"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -23,3 +23,7 @@ class MediaError(OmniLMError):
 
 class ContextLengthError(OmniLMError):
     """A prompt (plus the tokens asked for) that does not fit the model's context."""
+
+
+class QueueFullError(OmniLMError):
+    """The generation engine's waiting queue is full; the server answers 429 (try again later)."""

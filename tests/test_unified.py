@@ -9,19 +9,18 @@ from torch.nn import functional as F
 import omnilm
 from omnilm.config import DecoderConfig, DiscreteConfig, ImageVQConfig, ModelConfig, VisionConfig, get_preset
 from omnilm.errors import ConfigError, MediaError
-from omnilm.generation.spans import (
+from omnilm.generation.generate import generate
+from omnilm.generation.processors import (
     AUDIO_CODES,
     IMAGE_CODES,
     IMAGE_END,
     TEXT,
     SpanController,
-    decode_media,
-    find_spans,
-    generate,
     guide,
     null_prompt,
 )
 from omnilm.models.discrete import modality_of
+from omnilm.processing.media_out import decode_media, find_spans
 from omnilm.tokenizers.text import TextTokenizer
 
 IMG0, BOS, EOS = 2048, 1, 2

@@ -135,20 +135,11 @@ def compose(text, vision=None, audio=None, out=None, seed: int = 0):
             state.update({f"{name}.{k}": v for k, v in fresh.state_dict().items()})
     load_strict(model, state, source="composed model")
     retie(model)
-    model.hf_format = "llava" if audio is None else "omnilm"
     model.eval()
 
     if out is not None:
         model.save_pretrained(out)
-        Processor(
-            tokenizer,
-            image_processor,
-            audio_processor,
-            tokens_per_image=cfg.vision.tokens_per_image if cfg.vision else None,
-            tokens_per_audio_window=cfg.audio.tokens_per_window if cfg.audio else None,
-            image_token_id=cfg.image_token_id,
-            audio_token_id=cfg.audio_token_id,
-        ).save_pretrained(out)
+        Processor.from_model_config(cfg, tokenizer, image_processor, audio_processor).save_pretrained(out)
         # complete the tokenizer just written (chat template) and derive the eos ids from it
         write_export_files(remember_source(model, out), out, hf_format=model.hf_format != "omnilm")
     return model

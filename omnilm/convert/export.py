@@ -3,9 +3,10 @@ unchanged: tokenizer.json + tokenizer_config.json (with a chat template), genera
 ids generation stops at), `dtype` in config.json, and for a LLaVA the processor configs.
 
 The model never owns a tokenizer (ARCHITECTURE.md); it only remembers where its files came from:
-`omnilm.load(dir)` sets `model.export_source = dir`, `omnilm.build(preset)` sets the bundled tokenizer's
-directory when the preset was built for it (`tiny`: vocab 2048, pad/bos/eos 0/1/2). `save_pretrained`
-copies the tokenizer from there; a model with no known tokenizer is written without one.
+`omnilm.load(dir)` sets `model.export_source = dir` (training sets its tokenizer's directory), and a
+fresh `omnilm.build(preset)` has none, so it exports the bundled tokenizer when the preset was made for
+it (`tiny`: vocab 2048, bos/eos 1/2). `save_pretrained` copies the tokenizer from there; a model with no
+known tokenizer is written without one.
 """
 
 from __future__ import annotations
@@ -53,8 +54,11 @@ def default_tokenizer_fits(decoder_cfg) -> bool:
 
 
 def tokenizer_source(model) -> Path | None:
-    """The directory holding the tokenizer this model was loaded or built with."""
-    src = getattr(model, "export_source", None)
+    """The directory holding the tokenizer this model was loaded or built with: where it was loaded
+    from, else (a fresh build) the bundled tokenizer when the preset was made for it."""
+    if not hasattr(model, "export_source"):
+        return ASSET_DIR if default_tokenizer_fits(model.config.decoder) else None
+    src = model.export_source
     if src is not None and (Path(src) / "tokenizer.json").is_file():
         return Path(src)
     return None
@@ -161,11 +165,4 @@ def write_processor_files(model, src: Path, path: Path, tok: TextTokenizer) -> N
 def remember_source(model, path):
     """Record where a loaded model's files live (save_pretrained copies its tokenizer from there)."""
     model.export_source = Path(path)
-    return model
-
-
-def remember_bundled_tokenizer(model):
-    """A freshly built model whose preset was made for the bundled tokenizer exports that tokenizer."""
-    if default_tokenizer_fits(model.config.decoder):
-        model.export_source = ASSET_DIR
     return model

@@ -309,7 +309,6 @@ def load_llama(path, hf_config: dict, device=None, dtype=None):
     state = llama_state_from_hf(read_state_dict(path), cfg.decoder)
     load_strict(model.language_model, state, source=str(path), dtype=dtype, device=device)
     retie(model)
-    model.hf_format = "llama"
     return model.eval()
 
 
@@ -352,48 +351,4 @@ def load_omnilm(path, device=None, dtype=None):
         state.setdefault("language_model.lm_head.weight", state["language_model.model.embed_tokens.weight"])
     load_strict(model, state, source=str(path), dtype=dtype, device=device)
     retie(model)
-    model.hf_format = "omnilm"
     return model.eval()
-
-
-# ---- dispatch --------------------------------------------------------------------------------------------
-
-
-def load(path, device=None, dtype=None):
-    from .export import remember_source
-
-    path = checkpoint_dir(path)
-    if (path / OMNILM_CONFIG).is_file():
-        return remember_source(load_omnilm(path, device, dtype), path)
-    hf = read_config(path)
-    model_type = hf.get("model_type")
-    if model_type == "llama":
-        return remember_source(load_llama(path, hf, device, dtype), path)
-    if model_type == "llava":
-        from .vision import load_llava
-
-        return remember_source(load_llava(path, hf, device, dtype), path)
-    raise CheckpointError(
-        f"{path}/config.json: model_type {model_type!r} is not supported by omnilm.load "
-        "(expected 'llama', 'llava' or an OmniLM checkpoint)"
-    )
-
-
-def save_pretrained(model, path):
-    fmt = getattr(model, "hf_format", "omnilm")
-    has_extras = (
-        any(getattr(model, n, None) is not None for n in ("vision_tower", "audio_tower"))
-        or model.config.discrete
-    )
-    from .export import write_export_files
-
-    if fmt == "llama" and not has_extras:
-        save_llama(model, path)
-        return write_export_files(model, path)
-    if fmt == "llava" and model.audio_tower is None and not model.config.discrete:
-        from .vision import save_llava
-
-        save_llava(model, path)
-        return write_export_files(model, path)
-    save_omnilm(model, path)
-    write_export_files(model, path, hf_format=False)

@@ -259,7 +259,6 @@ def load_llava(path, hf_config: dict, device=None, dtype=None):
     state.update({"language_model." + k: v for k, v in lm_state.items()})
     load_strict(model, state, source=str(path), dtype=dtype, device=device)
     retie(model)
-    model.hf_format = "llava"
     return model.eval()
 
 

@@ -76,7 +76,7 @@ def draw_digits(
 ) -> torch.Tensor:
     """Image codes (N, h, w) sampled after each prompt + <|image_start|> by the span generator, which
     draws exactly h*w codes from the image head. Prompts of one length."""
-    from ..generation.spans import generate_image
+    from ..generation.generate import generate_image
 
     out = []
     for i in range(0, len(prompts), batch_size):

@@ -15,7 +15,6 @@ import torch
 
 from ..config import AudioConfig, DecoderConfig, DiscreteConfig, ImageVQConfig, ModelConfig, VisionConfig
 from ..models.omni import OmniModel
-from ..processing.audio import AudioProcessor
 from ..processing.image import ImageProcessor
 from ..processing.multimodal import Processor
 from ..tokenizers.text import TextTokenizer
@@ -102,21 +101,13 @@ def code_offset(cfg: ModelConfig) -> int:
 
 
 def build_processor(cfg: ModelConfig, tokenizer: TextTokenizer) -> Processor:
-    return Processor(
-        tokenizer,
-        image_processor=ImageProcessor(size=(IMAGE_SIZE, IMAGE_SIZE), resample=2),  # bilinear
-        audio_processor=AudioProcessor.from_config(cfg.audio),
-        tokens_per_image=cfg.vision.tokens_per_image,
-        tokens_per_audio_window=cfg.audio.tokens_per_window,
-        image_token_id=cfg.image_token_id,
-        audio_token_id=cfg.audio_token_id,
-    )
+    image_processor = ImageProcessor(size=(IMAGE_SIZE, IMAGE_SIZE), resample=2)  # bilinear
+    return Processor.from_model_config(cfg, tokenizer, image_processor)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> OmniModel:
     torch.manual_seed(seed)
     model = OmniModel(cfg).init_weights()  # Whisper's fixed sinusoidal positions survive init_weights
-    model.hf_format = "omnilm"
     return model
 
 

@@ -1,257 +1,442 @@
-"""Generation: prefill once, then one-token decode steps over a static KV cache.
+"""The one generation engine: continuous batching over a paged KV cache.
 
-Works on token ids and tensors only; tokenizers and stop strings live a layer above (text.py).
+Every path (model.generate, model.stream, the Pipeline, the server) submits requests here. A request
+is a prompt (token ids), its media tensors, its own GenerationConfig, its own seeded generator and its
+own logits processors (processors.py). Between decode steps the scheduler admits waiting requests,
+prefills them (in chunks, interleaved with the decoding of the others) and retires finished or
+cancelled ones, returning their pages at once.
 
-Where the speed comes from:
-- CPU (eager by default, under inference_mode): a decode step attends only to the filled cache
-  slots (`kv_len`) and, when the batch has no padding, needs no mask at all; positions and cache
-  slots are views into tables built once before the loop, so the loop allocates only what the
-  model computes. `compile=True` compiles the step with inductor (frozen weights, C++ wrapper).
-- CUDA: the decode step is compiled with `torch.compile(mode="reduce-overhead")`, i.e. replayed as
-  a CUDA graph. That needs fixed shapes, so the compiled step attends over the whole static cache
-  with a full-length mask (slots past the current one are hidden by its causal part), and the cache
-  buffers are marked static and reused across calls of the same shape. The loop never reads a
-  device value on the host except the all-rows-finished check every `sync_every` steps.
+    engine = Engine(model, max_batch=16, max_queue=64)
+    req = engine.submit(prompt_ids, GenerationConfig(max_new_tokens=32), media={"pixel_values": px})
+    engine.start()                       # or drive it yourself: while engine.has_work(): engine.step()
+    for ev in req.events(): ...          # ev.token, ev.logprob, ev.top_logprobs, ev.finish_reason
+
+Admission reserves the pages a request can ever need (prompt plus max_new_tokens, capped by the
+context), so a running request never waits for memory and nothing is preempted; a request that does
+not fit yet waits in a bounded queue, and a full queue is a QueueFullError at submit.
+
+Why a batch gives each request exactly the tokens it gets alone: prefill runs one request at a time,
+decode rows attend only to their own pages (a per-row mask), and sampling is per row with the
+request's own generator and processors. Works on token ids and tensors only: text (detokenizing,
+stop strings) is the Pipeline's business.
 """
 
 from __future__ import annotations
 
-import weakref
+import itertools
+import math
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ContextLengthError, OmniLMError
-from .sampling import apply_repetition_penalty, sample
+from ..errors import ContextLengthError, OmniLMError, QueueFullError
+from .config import GenerationConfig
+from .paged import PagedKV, PagePool
+from .processors import IMAGE_CODES, Penalties, SpanController, guide, null_prompt
+from .sampling import sample
 
-# A compiled step sees a cache length rounded up to a multiple of this, so generate calls of
-# similar length reuse one compiled graph instead of recompiling for every prompt length.
-COMPILED_LEN_MULTIPLE = 256
-# On CUDA, how many steps pass between host reads of "all rows finished" (each read is a sync).
-CUDA_SYNC_EVERY = 16
-
-
-def _decode_step(lm, cache, token, position_ids, slot, key_valid, kv_len):
-    """Logits (B, V) for one new token per row: token, position_ids (B, 1); slot (1,) its cache slot."""
-    logits = lm(
-        token,
-        attention_mask=key_valid,
-        position_ids=position_ids,
-        cache=cache,
-        cache_position=slot,
-        kv_len=kv_len,
-    )
-    return logits[:, -1]
+PAGE_SIZE = 16
+PREFILL_CHUNK = 512  # prompt tokens prefilled per engine step: long prompts do not stall decoding
 
 
-_compiled_steps: dict[str, tuple] = {}
+@dataclass
+class Event:
+    """One sampled token of a request (token is None on the closing event of a cancel or error)."""
+
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" on the last event
+    error: Exception | None = None
+    text: str = ""  # the new text, filled by a layer above that detokenizes (the Pipeline)
 
 
-def _weights_version(lm) -> int | None:
-    """Changes whenever a parameter is modified in place (an optimizer step, a LoRA merge)."""
-    try:
-        return sum(p._version for p in lm.parameters())
-    except RuntimeError:  # parameters created under inference_mode carry no version counter
-        return None
+@dataclass
+class Sequence:
+    """One row of KV: the request itself, or its unconditional twin under guidance."""
+
+    ids: list[int]  # prompt, then every token fed so far
+    pages: list[int] = field(default_factory=list)
+    cached: int = 0  # tokens whose keys/values are in the pages
+    embeds: torch.Tensor | None = None  # (T, D) prompt embeddings, media scattered in (prefill only)
 
 
-def compiled_decode_step(lm, device_type: str):
-    """`_decode_step` under torch.compile.
+class Request:
+    _ids = itertools.count()
 
-    CUDA: mode="reduce-overhead", i.e. CUDA graphs. CPU: inductor with freezing (weights folded in
-    as constants, so inductor may prepack them for its kernels) and a C++ wrapper, which removes most of the
-    per-op Python overhead of a small model; since frozen weights are copies, the step is compiled
-    again when the parameters were modified in place since.
-    """
-    key = None if device_type == "cuda" else (id(lm), _weights_version(lm))
-    if device_type not in _compiled_steps or _compiled_steps[device_type][1] != key:
-        if device_type == "cuda":
-            fn = torch.compile(_decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        else:
-            options = {"freezing": True, "cpp_wrapper": True}
-            fn = torch.compile(_decode_step, fullgraph=True, dynamic=False, options=options)
-        _compiled_steps[device_type] = (fn, key)
-    return _compiled_steps[device_type][0]
+    def __init__(self, prompt_ids, config: GenerationConfig, media, on_event, uncond_ids=None):
+        self.id = next(Request._ids)
+        self.config = config
+        self.prompt_ids = list(prompt_ids)
+        self.media = {k: v for k, v in (media or {}).items() if v is not None}
+        self.on_event = on_event
+        self.seqs = [Sequence(list(prompt_ids))]
+        self.uncond_ids = uncond_ids
+        self.output: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None
+        self.cancel_reason: str | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.done = threading.Event()
+        # set by the engine at admission
+        self.max_new = 0
+        self.eos: set[int] = set()
+        self.generator = None
+        self.processors: list = []
+        self.spans: SpanController | None = None
+        self.only: str | None = None  # "image": the whole output is one image span (image head only)
+
+    @property
+    def finished(self) -> bool:
+        return self.done.is_set()
+
+    def cancel(self, reason: str = "cancelled"):
+        """Stop this request; the engine frees its pages before its next step (safe from any thread,
+        and from inside on_event)."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+
+    def events(self, timeout: float | None = None):
+        """Block and yield this request's events until its last one (finish_reason set)."""
+        while True:
+            ev = self._queue.get(timeout=timeout)
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def _emit(self, ev: Event):
+        if ev.finish_reason is not None:
+            self.finish_reason, self.error = ev.finish_reason, ev.error
+        if self.on_event is not None:
+            self.on_event(ev)
+        self._queue.put(ev)
+        if ev.finish_reason is not None:
+            self.done.set()
 
 
-# One idle cache per model for the compiled path: a CUDA graph records buffer addresses, so reusing
-# the same cache lets later calls of the same shape replay the graph instead of recording a new one.
-# A cache is taken out while a generation runs, so two concurrent streams never share one.
-_idle_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _take_cache(lm, batch: int, length: int, keep: bool):
-    cache = _idle_caches.pop(lm, None) if keep else None
-    if cache is None or cache.layers[0].k.shape[0] != batch or cache.max_len != length:
-        cache = lm.make_cache(batch, length)
-        if keep and cache.layers[0].k.is_cuda:  # tells CUDA graphs the buffers never move
-            for layer in cache.layers:
-                torch._dynamo.mark_static_address(layer.k)
-                torch._dynamo.mark_static_address(layer.v)
-    return cache
-
-
-def _eos_tensor(model, eos_token_id):
-    if eos_token_id is None:
-        eos_token_id = model.config.decoder.eos_token_id
-    if eos_token_id is None:
-        return None
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    return torch.tensor(ids, dtype=torch.long, device=model.device) if ids else None
-
-
-def _as_batch(input_ids: torch.Tensor) -> torch.Tensor:
-    return input_ids[None] if input_ids.dim() == 1 else input_ids
-
-
-@torch.inference_mode()
-def _steps(
-    model,
-    input_ids,
-    attention_mask=None,
-    max_new_tokens=64,
-    temperature=0.0,
-    top_k=None,
-    top_p=None,
-    min_p=None,
-    repetition_penalty=None,
-    eos_token_id=None,
-    pad_token_id=None,
-    seed=None,
-    pixel_values=None,
-    input_features=None,
-    compile=None,
-    sync_every=None,
-):
-    """Yield (token (B,), finished (B,) bool) per step; the generation loop behind stream/generate.
-
-    attention_mask (B, T): 1 for real tokens, left padding only. eos_token_id: an id, a list of ids,
-    or [] for none (None: the model config's). Rows that finished yield pad_token_id (None: the
-    config's, else the first eos id, else 0). compile: compile the decode step (None: on CUDA only).
-    sync_every: steps between checks that every row finished (None: 1 on CPU, 16 on CUDA, so a
-    CUDA stream may yield up to 15 all-padding steps after the last row finished).
-    """
-    lm = model.language_model
-    device = model.device
-    input_ids = _as_batch(input_ids).to(device)
-    B, T = input_ids.shape
-    ctx = model.config.decoder.max_seq_len
-    if T >= ctx:
-        raise ContextLengthError(
-            f"prompt of {T} tokens does not fit the context of {ctx} tokens (one new token needs {T + 1})"
+class Engine:
+    def __init__(
+        self,
+        model,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        page_size: int = PAGE_SIZE,
+        num_pages: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+        compile: bool = False,
+    ):
+        """compile: the decode forward under torch.compile with dynamic batch and length (inductor;
+        worth it where per-op overhead dominates: small models, CPU)."""
+        self.model = model
+        self._decode_forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
+        dec = model.config.decoder
+        self.ctx = dec.max_seq_len
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        if num_pages is None:  # room for a full batch of full-context requests
+            num_pages = max_batch * math.ceil(self.ctx / page_size)
+        self.pool = PagePool(num_pages)
+        p = model.language_model.lm_head.weight
+        self.kv = PagedKV(
+            dec.num_layers, dec.num_kv_heads, dec.head_dim, num_pages, page_size, p.dtype, p.device
         )
-    n_new = min(max_new_tokens, ctx - T)
-    if n_new <= 0:
-        return
-    if compile is None:
-        compile = device.type == "cuda"
-    if sync_every is None:
-        sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else 1
-    length = T + n_new
-    if compile:
-        length = min(-(-length // COMPILED_LEN_MULTIPLE) * COMPILED_LEN_MULTIPLE, ctx)
+        self.page_size = page_size
+        self.device = p.device
+        self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []
+        self.running: list[Request] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
 
-    # Padding is read once, before the loop (a host read of a device value).
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    key_valid = torch.ones(B, length, dtype=torch.bool, device=device)  # (B, L) False at prompt padding
-    if padded:
-        attention_mask = attention_mask.to(device).bool()
-        if not bool(attention_mask[:, -1].all()):
-            raise OmniLMError("generation needs left padding: every row's last prompt token must be real")
-        key_valid[:, :T] = attention_mask
-    # A left-padded row gets the positions it would have alone; new token j of a row follows its
-    # last real prompt token.
-    prompt_pos = (key_valid[:, :T].long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    new_pos = prompt_pos[:, -1:] + 1 + torch.arange(n_new, device=device)  # (B, n_new)
-    slots = torch.arange(length, device=device)  # (L,) cache slots; a step takes a view of one
+    # ---- the caller's side -------------------------------------------------------------------------
 
-    eos = _eos_tensor(model, eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = model.config.decoder.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = int(eos[0]) if eos is not None else 0
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    seen = None
-    if repetition_penalty is not None and repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.decoder.vocab_size, dtype=torch.bool, device=device)  # (B, V)
-        seen.scatter_(1, input_ids, True)
+    def submit(self, prompt_ids, config: GenerationConfig | None = None, media=None, on_event=None,
+               uncond_ids=None) -> Request:  # fmt: skip
+        """Queue a request. Raises at once: ContextLengthError (prompt over the context, or more pages
+        than the pool has), QueueFullError (the waiting queue is full)."""
+        config = config or GenerationConfig()
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise OmniLMError("empty prompt: at least one token is needed")
+        T = len(prompt_ids)
+        if T >= self.ctx:
+            raise ContextLengthError(
+                f"prompt of {T} tokens does not fit the context of {self.ctx} tokens (one new token needs {T + 1})"
+            )
+        vocab = self.model.config.decoder.vocab_size
+        disc = self.model.config.discrete
+        if disc is not None:
+            vocab = disc.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise OmniLMError(
+                f"prompt token ids must be in [0, {vocab}); got {min(prompt_ids)}..{max(prompt_ids)}"
+            )
+        if config.guided and disc is None:
+            raise OmniLMError(
+                "guidance_scale: this model does not generate images (it has no discrete config)"
+            )
+        req = Request(prompt_ids, config, media, on_event, uncond_ids)
+        need = self._pages_needed(req)
+        if need > self.pool.num_pages:
+            raise ContextLengthError(
+                f"request needs {need} KV pages of {self.page_size} tokens but the engine has {self.pool.num_pages}"
+            )
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); try again later")
+            self.waiting.append(req)
+            self._wake.notify()
+        return req
 
-    cache = _take_cache(lm, B, length, keep=compile)
-    try:
-        logits = model(
-            input_ids,
-            attention_mask=key_valid[:, :T] if padded else None,
-            pixel_values=pixel_values,
-            input_features=input_features,
-            position_ids=prompt_pos,
-            cache=cache,
-            cache_position=slots[:T],
-            kv_len=T,
-            logits_slice=slice(-1, None),  # only the last position's logits are needed
-        ).logits[:, -1]  # (B, V)
-        step = compiled_decode_step(lm, device.type) if compile else _decode_step
-        graphs = compile and device.type == "cuda"
-        # the compiled step gets the same input tensors every step, advanced in place
-        position, slot = new_pos[:, :1].clone(), slots[T : T + 1].clone()  # (B, 1), (1,)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        for j in range(n_new):
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            token = sample(logits, temperature, top_k, top_p, min_p, generator)  # (B,)
-            if eos is not None:
-                token = token.masked_fill(finished, pad_token_id)
-                finished = finished | torch.isin(token, eos)
-            yield token, finished
-            if j == n_new - 1:
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def start(self):
+        """Drive the engine from a background thread until stop()."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="omnilm-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, cancel: bool = True):
+        """Stop the background thread; cancel what is still queued or running (their events close)."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if cancel:
+            for req in [*self.waiting, *self.prefilling, *self.running]:
+                req.cancel("cancelled")
+            self.step(admit=False)
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                while not self._stopping and not self.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    # ---- one step ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, admit: bool = True):
+        """Retire cancelled requests, admit waiting ones, prefill up to prefill_chunk prompt tokens,
+        then decode one token for every running request."""
+        for req in [r for r in (*self.prefilling, *self.running) if r.cancel_reason]:
+            self._finish(req, Event(None, finish_reason=req.cancel_reason))
+        with self._lock:
+            for req in [r for r in self.waiting if r.cancel_reason]:
+                self.waiting.remove(req)
+                req._emit(Event(None, finish_reason=req.cancel_reason))
+            while admit and self.waiting and len(self.prefilling) + len(self.running) < self.max_batch:
+                if self._pages_needed(self.waiting[0]) > self.pool.free:
+                    break  # first come, first served: later requests wait too
+                self._admit(self.waiting.popleft())
+        budget = self.prefill_chunk
+        for req in list(self.prefilling):
+            if budget <= 0:
                 break
-            if eos is not None and (j + 1) % sync_every == 0 and bool(finished.all()):
-                break
-            if seen is not None:
-                seen.scatter_(1, token[:, None], True)
-            if compile:
-                if graphs:  # the previous step's graph outputs (logits) are consumed by now
-                    torch.compiler.cudagraph_mark_step_begin()
-                # From the second step on, every guard of the compiled step is known to pass (same
-                # model, cache and input tensors, advanced in place), so only the guards that pick
-                # between compiled variants run: evaluating all of them costs ~0.5 ms a step on CPU.
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=j > 0):
-                    logits = step(lm, cache, token[:, None], position, slot, key_valid, None)
-                position += 1
-                slot += 1
-            else:  # eager: views into the tables, attention over the kv_len filled slots only
-                mask = key_valid if padded else None
-                pos_j, slot_j = new_pos[:, j : j + 1], slots[T + j : T + j + 1]
-                logits = step(lm, cache, token[:, None], pos_j, slot_j, mask, T + j + 1)
-    finally:
-        if compile:
-            _idle_caches[lm] = cache
+            budget -= self._prefill(req, budget)
+        if self.running:
+            self._decode()
 
+    def _pages_needed(self, req: Request) -> int:
+        n = len(req.prompt_ids)
+        total = min(n + req.config.max_new_tokens, self.ctx)
+        pages = math.ceil(total / self.page_size)
+        if req.config.guided:  # the unconditional twin: at most as long as the prompt, plus the output
+            pages *= 2
+        return pages
 
-def stream(model, input_ids, **settings):
-    """Yield the next token of every row, (B,), as soon as it is sampled (no host sync on CUDA).
+    def _admit(self, req: Request):
+        cfg, model = req.config, self.model
+        dec, disc = model.config.decoder, model.config.discrete
+        T = len(req.prompt_ids)
+        req.max_new = min(cfg.max_new_tokens, self.ctx - T)
+        eos = dec.eos_token_id if cfg.eos_token_id is None else cfg.eos_token_id
+        req.eos = {eos} if isinstance(eos, int) else set(eos or ())
+        if cfg.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        ids = torch.tensor([req.prompt_ids], device=self.device)
+        vocab = disc.vocab_size if disc is not None else dec.vocab_size
+        penalties = Penalties(vocab, req.prompt_ids, cfg.repetition_penalty, cfg.presence_penalty,
+                              cfg.frequency_penalty, self.device)  # fmt: skip
+        if penalties.active:
+            req.processors.append(penalties)
+        if disc is not None:
+            req.spans = SpanController.from_prompt(disc, ids)
+            state, left = req.spans.prompt_states[0]
+            if state == IMAGE_CODES and left >= req.max_new:
+                req.only = "image"
+            if cfg.guided:
+                uncond = req.uncond_ids or null_prompt(disc, ids, dec.bos_token_id)[0]
+                req.seqs.append(Sequence(list(uncond) or [req.prompt_ids[-1]]))
+        total = min(T + req.max_new, self.ctx)
+        for seq in req.seqs:
+            seq.pages = self.pool.allocate(math.ceil(total / self.page_size))
+        self.prefilling.append(req)
 
-    Settings as `generate`: attention_mask, max_new_tokens, temperature, top_k, top_p, min_p,
-    repetition_penalty, eos_token_id, pad_token_id, seed, pixel_values, input_features, compile,
-    sync_every. Finished rows yield pad_token_id.
-    """
-    for token, _ in _steps(model, input_ids, **settings):
-        yield token
+    def _prefill(self, req: Request, budget: int) -> int:
+        """Prefill up to `budget` prompt tokens of req; once its whole prompt is in, sample its first
+        token and move it to the running set. Returns the tokens processed."""
+        model, done = self.model, 0
+        try:
+            for i, seq in enumerate(req.seqs):
+                T = len(seq.ids)
+                if seq.cached >= T:
+                    continue
+                if seq.embeds is None:  # media are encoded once, at the first chunk
+                    ids = torch.tensor([seq.ids], device=self.device)
+                    media = req.media if i == 0 else {}
+                    seq.embeds = model.embed(ids, **media)[0]  # (T, D)
+                n = min(T - seq.cached, budget - done)
+                if n <= 0:
+                    return done
+                start, end = seq.cached, seq.cached + n
+                write = torch.tensor(self.kv.slots(seq.pages, start, end), device=self.device)
+                read = torch.tensor([self.kv.slots(seq.pages, 0, end)], device=self.device)  # (1, end)
+                mask = None  # a fresh prompt in one chunk: plain causal attention (SDPA's flash kernel)
+                if start > 0:  # a later chunk: its queries see every earlier key and the causal part
+                    q = torch.arange(start, end, device=self.device)
+                    mask = (torch.arange(end, device=self.device)[None, :] <= q[:, None])[None, None]
+                out = model(
+                    inputs_embeds=seq.embeds[None, start:end],
+                    attention_mask=mask,
+                    position_ids=torch.arange(start, end, device=self.device)[None],
+                    cache=self.kv.view(write, read),
+                    cache_position=torch.arange(start, end, device=self.device),
+                    kv_len=end,
+                    logits_slice=slice(-1, None),
+                    **({"logits_modality": req.only} if req.only else {}),
+                )
+                seq.cached, done = end, done + n
+                if end == T:
+                    seq.embeds = None
+                    seq.last_logits = out.logits[:, -1]  # (1, V)
+        except OmniLMError as e:  # this request's media or shapes are wrong: it fails alone
+            self._finish(req, Event(None, finish_reason="error", error=e))
+            return done
+        if all(seq.cached >= len(seq.ids) for seq in req.seqs):
+            self.prefilling.remove(req)
+            self.running.append(req)
+            self._sample(req, [seq.last_logits for seq in req.seqs])
+            for seq in req.seqs:
+                del seq.last_logits
+        return done
 
+    def _decode(self):
+        """One batched forward: every running sequence feeds its last token."""
+        reqs = list(self.running)
+        seqs = [seq for req in reqs for seq in req.seqs]
+        lengths = [seq.cached + 1 for seq in seqs]
+        S = max(lengths)
+        tokens = torch.tensor([[req.output[-1]] for req in reqs for _ in req.seqs], device=self.device)
+        write = torch.tensor([self.kv.slots(s.pages, s.cached, s.cached + 1)[0] for s in seqs],
+                             device=self.device)  # fmt: skip
+        read = self._read_slots(seqs, S)  # (B, S)
+        positions = torch.tensor([[s.cached] for s in seqs], device=self.device)  # (B, 1)
+        mask = None
+        if min(lengths) != S:  # rows of different lengths: each attends to its own keys only
+            mask = (
+                torch.arange(S, device=self.device)[None, :]
+                < torch.tensor(lengths, device=self.device)[:, None]
+            )
+            mask = mask[:, None, None, :]  # (B, 1, 1, S)
+        only = "image" if all(req.only == "image" for req in reqs) else None
+        logits = self._decode_forward(tokens, mask, positions, write, read, only)  # (B, V) or (B, V_image)
+        row = 0
+        for req, seq_count in [(r, len(r.seqs)) for r in reqs]:
+            for seq in req.seqs:
+                seq.ids.append(req.output[-1])
+                seq.cached += 1
+            rows = [logits[i : i + 1] for i in range(row, row + seq_count)]
+            if req.only == "image" and only is None:  # full logits computed for the batch: take its head
+                disc = self.model.config.discrete
+                rows = [r[:, disc.image_offset : disc.audio_offset] for r in rows]
+            row += seq_count
+            self._sample(req, rows)
 
-def generate(model, input_ids, **settings) -> torch.Tensor:
-    """Prompt plus new tokens (B, T + n), like transformers' generate; finished rows are padded.
+    def _forward(self, tokens, mask, positions, write, read, only):
+        """The decode step's model call: tokens, positions (B, 1); mask (B, 1, 1, S) or None."""
+        out = self.model(
+            tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self.kv.view(write, read),
+            cache_position=positions[0],
+            kv_len=read.shape[1],
+            **({"logits_modality": only} if only else {}),
+        )
+        return out.logits[:, -1]
 
-    Stops when every row produced an eos token or after max_new_tokens (capped by the context).
-    """
-    input_ids = _as_batch(input_ids).to(model.device)
-    tokens, finished = [], []
-    for token, done in _steps(model, input_ids, **settings):
-        tokens.append(token)
-        finished.append(done)
-    if not tokens:
-        return input_ids
-    new = torch.stack(tokens, dim=1)  # (B, n)
-    # With sync_every > 1 the loop may run a few all-finished steps; cut them (one sync, at the end).
-    all_done = torch.stack(finished).all(-1)  # (n,)
-    if bool(all_done.any()):
-        new = new[:, : int(all_done.int().argmax()) + 1]
-    return torch.cat([input_ids, new], dim=1)
+    def _read_slots(self, seqs, S: int) -> torch.Tensor:
+        """(B, S) slots of each row's tokens, padded with the row's first slot (masked)."""
+        P = self.page_size
+        n_pages = math.ceil(S / P)
+        table = torch.tensor([s.pages[:n_pages] + [s.pages[0]] * (n_pages - len(s.pages[:n_pages])) for s in seqs],
+                             device=self.device)  # fmt: skip
+        slots = (table[:, :, None] * P + torch.arange(P, device=self.device)).flatten(1)  # (B, n_pages * P)
+        return slots[:, :S]
+
+    def _sample(self, req: Request, rows: list[torch.Tensor]):
+        """Choose req's next token from its logits rows (cond first, then uncond), emit it, retire req
+        if it is done."""
+        cfg, disc = req.config, self.model.config.discrete
+        logits = rows[0]
+        if disc is not None:
+            logits = logits.float()
+            if cfg.guided:
+                guided = guide(logits, rows[1].float(), cfg.guidance_scale)
+                logits = guided if req.only else torch.where(req.spans.in_image[:, None], guided, logits)
+        raw = logits
+        offset = 0
+        if req.only:
+            offset = disc.image_offset
+        for p in req.processors:
+            logits = p.process(logits, offset) if isinstance(p, Penalties) else p.process(logits)
+        if req.spans is not None and not req.only:
+            logits = req.spans.process(logits)
+        token = (
+            int(sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, req.generator)[0]) + offset
+        )
+        ev = Event(token)
+        if cfg.logprobs is not None:
+            lp = raw.float().log_softmax(-1)[0]  # (V,) the model's distribution, before any rule
+            ev.logprob = float(lp[token - offset])
+            if cfg.logprobs:
+                top = lp.topk(min(cfg.logprobs, lp.shape[0]))
+                ev.top_logprobs = [(int(i) + offset, float(v)) for v, i in zip(top.values, top.indices)]
+        t = torch.tensor([token], device=self.device)
+        for p in req.processors:
+            p.update(t)
+        if req.spans is not None:
+            req.spans.update(t)
+        req.output.append(token)
+        if token in req.eos:
+            ev.finish_reason = "stop"
+        elif len(req.output) >= req.max_new:
+            ev.finish_reason = "length"
+        if ev.finish_reason:
+            self._finish(req, ev)
+        else:
+            req._emit(ev)
+            if req.cancel_reason:  # on_event asked to stop (a stop string): its pages go now
+                self._finish(req, Event(None, finish_reason=req.cancel_reason))
+
+    def _finish(self, req: Request, ev: Event):
+        for lst in (self.prefilling, self.running):
+            if req in lst:
+                lst.remove(req)
+        for seq in req.seqs:
+            if seq.pages:
+                self.pool.release(seq.pages)
+                seq.pages = []
+        req._emit(ev)

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from ..errors import OmniLMError
-from .engine import _as_batch, _steps
+from .generate import stream_requests
 
 REPLACEMENT = "\ufffd"  # what decoding gives for a UTF-8 character whose bytes are not all there yet
 
@@ -76,11 +76,12 @@ def stream_text(model, tokenizer, input_ids, stop_strings=(), **settings):
     Stops at an eos token (not printed), at the first stop string (not printed) or after
     max_new_tokens. settings: as omnilm.generation.engine.generate.
     """
-    input_ids = _as_batch(torch.as_tensor(input_ids))
+    input_ids = torch.as_tensor(input_ids)
+    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
     if input_ids.shape[0] != 1:
         raise OmniLMError(f"stream_text takes one prompt, got a batch of {input_ids.shape[0]}")
     text = TextStream(tokenizer, stop_strings)
-    steps = _steps(model, input_ids, **settings)
+    steps = stream_requests(model, input_ids, **settings)
     try:
         for token, finished in steps:
             if bool(finished[0]):  # the eos token itself is not part of the text
@@ -100,10 +101,11 @@ def stream_text(model, tokenizer, input_ids, stop_strings=(), **settings):
 def generate_text(model, tokenizer, input_ids, stop_strings=(), attention_mask=None, **settings) -> list[str]:
     """The continuation text of every row of a (left-padded) batch, each cut at its first stop string
     or eos; generation ends once every row has stopped."""
-    input_ids = _as_batch(torch.as_tensor(input_ids))
+    input_ids = torch.as_tensor(input_ids)
+    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
     texts = [TextStream(tokenizer, stop_strings) for _ in range(input_ids.shape[0])]
     done = [False] * len(texts)
-    steps = _steps(model, input_ids, attention_mask=attention_mask, **settings)
+    steps = stream_requests(model, input_ids, attention_mask=attention_mask, **settings)
     try:
         for token, finished in steps:
             token, finished = token.tolist(), finished.tolist()

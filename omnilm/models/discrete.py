@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..config import DiscreteConfig
+from .loss import token_loss
 
 MODALITIES = ("text", "image", "audio")
 TEXT, IMAGE, AUDIO = 0, 1, 2
@@ -94,7 +94,7 @@ class DiscreteModalities(nn.Module):
             n = int(sel.sum())
             if n == 0 or hi == lo:
                 continue
-            ce = F.cross_entropy(logits[sel, lo:hi].float(), targets[sel] - lo, reduction="sum")
+            ce = token_loss(logits[sel, lo:hi], targets[sel] - lo, reduction="sum")
             sums[MODALITIES[m]] = (ce, n)
             total = total + weights[m] * ce
         return total, sums

@@ -17,7 +17,9 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..hooks import MODEL_METHODS
 from .decoder import CausalLM, CausalLMOutput, init_weights
+from .loss import next_token_loss
 
 
 @dataclass
@@ -52,7 +54,6 @@ class OmniModel(nn.Module):
                     f"{cfg.decoder.vocab_size} (image codes start right after the text ids)"
                 )
             self.discrete = DiscreteModalities(cfg.discrete, cfg.decoder.hidden_size)
-        self.hf_format = "llama"  # how save_pretrained writes this model; set by loaders
 
     # ---- fusion -----------------------------------------------------------------------------------
 
@@ -130,11 +131,7 @@ class OmniModel(nn.Module):
             kv_len,
             logits_slice,
         )
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-            )
+        loss = next_token_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
     def _check_inputs(self, input_ids, attention_mask, pixel_values, input_features, inputs_embeds, cache):
@@ -209,57 +206,31 @@ class OmniModel(nn.Module):
     def device(self) -> torch.device:
         return self.language_model.lm_head.weight.device
 
-    def generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        max_new_tokens=64,
-        temperature=0.0,
-        top_k=None,
-        top_p=None,
-        eos_token_id=None,
-        seed=None,
-        pixel_values=None,
-        input_features=None,
-        **sampling,
-    ):
-        if self.discrete is not None:  # modality spans and guidance
-            from ..generation.spans import generate
-        else:
-            from ..generation.engine import generate
+    # generate/stream/save_pretrained run in the layers above (the engine, the converters), which
+    # models/ does not import: omnilm/__init__.py registers them in omnilm/hooks.py.
+    def generate(self, input_ids, attention_mask=None, **settings):
+        """Prompt plus new tokens (B, T + n), like transformers' generate (omnilm.generation.engine)."""
+        return _hook("generate")(self, input_ids, attention_mask=attention_mask, **settings)
 
-        return generate(
-            self,
-            input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            seed=seed,
-            pixel_values=pixel_values,
-            input_features=input_features,
-            **sampling,
-        )
-
-    def stream(self, input_ids, **kwargs):
+    def stream(self, input_ids, **settings):
         """Yield new tokens as (B,) tensors while they are produced."""
-        if self.discrete is not None:
-            from ..generation.spans import stream
-        else:
-            from ..generation.engine import stream
-
-        return stream(self, input_ids, **kwargs)
+        return _hook("stream")(self, input_ids, **settings)
 
     def save_pretrained(self, path):
-        from ..convert.hf import save_pretrained
+        """Hugging Face format where the model has one (config.hf_format), else OmniLM format."""
+        return _hook("save_pretrained")(self, path)
 
-        save_pretrained(self, path)
+    @property
+    def hf_format(self) -> str:
+        return self.config.hf_format
 
     def init_weights(self):
         init_weights(self, self.config.decoder.initializer_range)
         return self
+
+
+def _hook(name: str):
+    return MODEL_METHODS[name]
 
 
 def _expect(x, name, expected, ndim=None, integer=False, floating=False, ok=True):

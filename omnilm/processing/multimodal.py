@@ -64,6 +64,38 @@ class Processor:
             "|".join(re.escape(m) for m in sorted(self._markers, key=len, reverse=True))
         )
 
+    @classmethod
+    def from_model_config(cls, cfg, tokenizer, image_processor=None, audio_processor=None,
+                          prompt_format: str = "plain", meta: dict | None = None, source: str = "processor_config.json"):  # fmt: skip
+        """The one constructor from a model: placeholder counts and ids come from the ModelConfig (its
+        vision/audio configs and token ids), default image/audio processors from its encoders. `meta`
+        (a processor_config.json) may restate a value but not contradict it (ConfigError)."""
+        from .audio import AudioProcessor
+        from .image import ImageProcessor
+
+        vision, audio = cfg.vision, cfg.audio
+        derived = {
+            "tokens_per_image": vision.tokens_per_image if vision is not None else None,
+            "tokens_per_audio_window": audio.tokens_per_window if audio is not None else None,
+            "image_token_id": cfg.image_token_id,
+            "audio_token_id": cfg.audio_token_id,
+        }
+        meta = dict(meta or {})
+        if "image_seq_length" in meta:
+            meta.setdefault("tokens_per_image", meta["image_seq_length"])
+        for key, value in derived.items():
+            given = meta.get(key)
+            if given is not None and value is not None and given != value:
+                raise ConfigError(f"{source}: {key} is {given} but the model config gives {value}")
+            if value is None:
+                derived[key] = given
+        if image_processor is None and vision is not None:
+            image_processor = ImageProcessor(size=(vision.image_size, vision.image_size))
+        if audio_processor is None and audio is not None:
+            audio_processor = AudioProcessor.from_config(audio)
+        return cls(tokenizer, image_processor, audio_processor, prompt_format=meta.get("prompt_format", prompt_format),
+                   **derived)  # fmt: skip
+
     # ---- entry point ------------------------------------------------------------------------------
 
     def __call__(
@@ -343,27 +375,25 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _model_config(path: Path):
-    """(vision config, audio config, image_token_id, audio_token_id) a model directory describes."""
+    """The ModelConfig a model directory describes, as far as the processor needs it (its encoders
+    and placeholder ids); a bare ModelConfig for text models and unknown directories."""
     from ..config import ModelConfig
 
     omni = _read_json(path / "omnilm_config.json")
     if omni is not None:
-        cfg = ModelConfig.from_dict(omni)
-        return cfg.vision, cfg.audio, cfg.image_token_id, cfg.audio_token_id
-    hf = _read_json(path / "config.json")
-    if hf is None:
-        return None, None, None, None
+        return ModelConfig.from_dict(omni)
+    hf = _read_json(path / "config.json") or {}
     model_type = hf.get("model_type")
     if model_type in ("llava", "siglip_vision_model", "clip_vision_model", "siglip", "clip"):
         from ..convert.vision import vision_config_from_hf
 
         token = hf.get("image_token_id", hf.get("image_token_index")) if model_type == "llava" else None
-        return vision_config_from_hf(hf), None, token, None
+        return ModelConfig(vision=vision_config_from_hf(hf), image_token_id=token)
     if model_type in ("whisper", "wav2vec2"):
         from ..convert.audio import audio_config_from_hf
 
-        return None, audio_config_from_hf(hf), None, None
-    return None, None, None, None
+        return ModelConfig(audio=audio_config_from_hf(hf))
+    return ModelConfig()
 
 
 def load_processor(path) -> Processor:
@@ -378,36 +408,16 @@ def load_processor(path) -> Processor:
     tokenizer = (
         TextTokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else TextTokenizer.default()
     )
-    vision, audio_cfg, image_token_id, audio_token_id = _model_config(path)
+    cfg = _model_config(path)
     meta = _read_json(path / PROCESSOR_CONFIG) or {}
-
     image_proc = audio_proc = None
     for name in ("preprocessor_config.json", AUDIO_PREPROCESSOR_CONFIG):
         d = _read_json(path / name)
         if d is None:
             continue
         if "feature_extractor_type" in d and "image_processor_type" not in d:
-            audio_proc = AudioProcessor.from_dict(d, audio_cfg)
+            audio_proc = AudioProcessor.from_dict(d, cfg.audio)
         else:
             image_proc = ImageProcessor.from_dict(d)
-    if image_proc is None and vision is not None:
-        image_proc = ImageProcessor(size=(vision.image_size, vision.image_size))
-    if audio_proc is None and audio_cfg is not None:
-        audio_proc = AudioProcessor.from_config(audio_cfg)
-
-    tokens_per_image = meta.get("tokens_per_image") or meta.get("image_seq_length")
-    if tokens_per_image is None and vision is not None:
-        tokens_per_image = vision.tokens_per_image
-    tokens_per_window = meta.get("tokens_per_audio_window")
-    if tokens_per_window is None and audio_cfg is not None:
-        tokens_per_window = audio_cfg.tokens_per_window
-    return Processor(
-        tokenizer,
-        image_processor=image_proc,
-        audio_processor=audio_proc,
-        tokens_per_image=tokens_per_image,
-        tokens_per_audio_window=tokens_per_window,
-        image_token_id=meta.get("image_token_id", image_token_id),
-        audio_token_id=meta.get("audio_token_id", audio_token_id),
-        prompt_format=meta.get("prompt_format", "plain"),
-    )
+    return Processor.from_model_config(cfg, tokenizer, image_proc, audio_proc, meta=meta,
+                                       source=str(path / PROCESSOR_CONFIG))  # fmt: skip

@@ -151,7 +151,6 @@ def _save_weights(model, tmp: Path):
         copy = OmniModel(model.config)
     load_strict(copy, {k: v.float() for k, v in base.items()}, source="training state")
     retie(copy)
-    copy.hf_format = getattr(model, "hf_format", "omnilm")
     copy.export_source = getattr(model, "export_source", None)  # so model/ gets the tokenizer too
     copy.save_pretrained(tmp / "model")
     if any(is_lora_key(k) for k in full):

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import PRESETS
 from ..errors import ConfigError, OmniLMError
+from ..models.loss import next_token_loss
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_train_config
 from .data import IGNORE, ResumableLoader, load_samples, pack
@@ -38,17 +38,17 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 
 def build_model(cfg: TrainConfig, device):
     """A preset with fresh weights (seeded), or a model directory; fp32 master weights, train mode."""
-    import omnilm
+    from .. import api
 
     if cfg.model in PRESETS:
-        model = omnilm.build(cfg.model, seed=cfg.seed)
+        model = api.build(cfg.model, seed=cfg.seed)
     else:
         path = cfg.resolve(cfg.model)
         if not path.is_dir():
             raise ConfigError(
                 f"model {cfg.model!r} is neither a preset ({', '.join(PRESETS)}) nor a directory"
             )
-        model = omnilm.load(path, dtype=torch.float32)
+        model = api.load(path, dtype=torch.float32)
     return model.to(device=device, dtype=torch.float32).train()
 
 
@@ -78,24 +78,7 @@ def load_processor(cfg: TrainConfig, model, tokenizer):
 
     if cfg.model not in PRESETS:
         return load_dir_processor(cfg.resolve(cfg.model))
-    mcfg = model.config
-    image_proc = audio_proc = None
-    if mcfg.vision is not None:
-        from ..processing.image import ImageProcessor
-
-        image_proc = ImageProcessor(size=(mcfg.vision.image_size, mcfg.vision.image_size))
-    if mcfg.audio is not None:
-        from ..processing.audio import AudioProcessor
-
-        audio_proc = AudioProcessor.from_config(mcfg.audio)
-    return Processor(
-        tokenizer,
-        image_processor=image_proc,
-        audio_processor=audio_proc,
-        tokens_per_image=mcfg.vision.tokens_per_image if mcfg.vision is not None else None,
-        image_token_id=mcfg.image_token_id,
-        audio_token_id=mcfg.audio_token_id,
-    )
+    return Processor.from_model_config(model.config, tokenizer)
 
 
 def apply_activation_checkpointing(model):
@@ -157,9 +140,8 @@ class Trainer:
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
         tok = load_tokenizer(cfg, model.config.decoder.vocab_size)
-        model.export_source = Path(
-            tok.source
-        ).parent  # checkpoints' model/ carries the tokenizer trained with
+        # checkpoints' model/ carries the tokenizer the model was trained with
+        model.export_source = Path(tok.source).parent
         samples = load_samples(cfg.resolve(cfg.data.path), tok, load_processor(cfg, model, tok))
         rows = pack(samples, cfg.data.seq_len, cfg.data.pack, cfg.data.overflow)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -216,12 +198,7 @@ class Trainer:
         discrete = getattr(self.model, "discrete", None)
         if discrete is not None:
             return discrete.loss_sums(logits, labels)[0]
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(),
-            labels[:, 1:].flatten(),
-            ignore_index=IGNORE,
-            reduction="sum",
-        )
+        return next_token_loss(logits, labels, reduction="sum")
 
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float]:
         """One optimizer step over this process's micro-batches; returns (loss, grad norm)."""
