@@ -145,7 +145,13 @@ def test_omnilm_format_export_gets_the_tokenizer_too(tmp_path):
     cfg = ModelConfig(
         decoder=served_decoder(),
         vision=VisionConfig(
-            image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2
+            image_size=16,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=1,
+            num_heads=2,
+            feature_layer=None,
         ),
         image_token_id=6,
     )
