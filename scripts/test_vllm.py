@@ -140,8 +140,16 @@ FAMILIES = [
     Row("llama", "float32", build_llama),
     Row("llama", "bfloat16", build_llama),
     Row("llava", "float32", build_llava),
+    # rows other branches fill in (each needs a builder like build_llama that writes its export):
     Row("qwen2", "float32", not_on_this_branch("no qwen2 exporter on this branch (issue 15)")),
-    Row("mllama", "float32", not_on_this_branch("no mllama exporter on this branch (issue 14)")),
+    Row(
+        "mllama",
+        "float32",
+        not_on_this_branch(
+            "vLLM 0.32.0 has no MllamaForConditionalGeneration (removed after 0.10.2 with V0's "
+            "encoder-decoder models); transformers only; no mllama exporter on this branch (issue 14)"
+        ),
+    ),
     Row("qwen2_audio", "float32", not_on_this_branch("no qwen2_audio exporter on this branch (issue 15)")),
     Row(
         "compressed-tensors",
@@ -165,6 +173,11 @@ def omnilm_tokens(out: Path, prompts: list[dict]) -> list[dict]:
         new = model.generate(ids, max_new_tokens=NEW_TOKENS, pixel_values=batch.get("pixel_values"))
         p["prompt_ids"] = ids[0].tolist()
         p["expected"] = new[0, ids.shape[1] :].tolist()
+        # top-1 minus top-2 logit before each new token: how close to a tie greedy decoding was there
+        with torch.no_grad():
+            logits = model(input_ids=new, pixel_values=batch.get("pixel_values")).logits[0].float()
+        top2 = logits[ids.shape[1] - 1 : -1].topk(2, dim=-1).values
+        p["margins"] = (top2[:, 0] - top2[:, 1]).tolist()
         p["omnilm_varied"] = len(set(p["expected"])) > 2
     return prompts
 
@@ -265,7 +278,10 @@ def serve(case_file: str) -> None:
         for g, p, ok in zip(got, case["prompts"], same):
             if not ok:
                 first = next(i for i, (a, b) in enumerate(zip(g, p["expected"])) if a != b)
-                result["notes"].append(f"{p['text'][:24]!r}: first differs at new token {first}")
+                result["notes"].append(
+                    f"{p['text'][:24]!r}: first differs at new token {first} "
+                    f"(OmniLM's top-2 logit gap there {p['margins'][first]:.3g})"
+                )
         result["prompts_with_image"] = sum(1 for p in case["prompts"] if p["image"])
     except Exception as e:
         result["notes"].append(f"generate: {_last_line(e)}")
@@ -280,22 +296,21 @@ def _last_line(e: Exception) -> str:
 def run_vllm(python: str, case_file: Path, log: Path) -> dict:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     env.pop("PYTHONPATH", None)  # vLLM's venv has its own transformers; omnilm is not needed there
-    with open(log, "w") as f:
+    with open(log, "w") as f:  # vLLM logs to stdout: keep all of it, the RESULT line included
         proc = subprocess.run(
             [python, __file__, "--serve", str(case_file)],
-            stdout=subprocess.PIPE,
-            stderr=f,
+            stdout=f,
+            stderr=subprocess.STDOUT,
             text=True,
             env=env,
         )
+    lines = log.read_text().splitlines()
     result = {"notes": [f"vLLM process exited {proc.returncode} without a result (see {log})"]}
-    for line in proc.stdout.splitlines():
+    for line in lines:
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT ") :])
     if result.get("loads") != "yes":  # the root cause is in vLLM's log, not in the exception it raised
-        causes = [
-            ln.split("] ")[-1].strip() for ln in log.read_text().splitlines() if "ModuleNotFoundError" in ln
-        ]
+        causes = [ln.split("] ")[-1].strip() for ln in lines if "ModuleNotFoundError" in ln]
         if causes:
             result["notes"] = [f"vLLM cannot load: {causes[-1]}" + CAUSES.get(causes[-1], "")]
     return result
