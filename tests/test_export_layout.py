@@ -246,3 +246,20 @@ def test_llava_flat_tower_layout_still_loads(llava_dir, tmp_path):
     a, b = omnilm.load(llava_dir / "llava"), omnilm.load(tmp_path / "flat")
     pixels = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(a.image_features(pixels), b.image_features(pixels))
+
+
+def test_a_source_chat_template_is_kept(tmp_path):
+    """A transformers-written directory with its own template (chat_template.jinja) keeps it on convert."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    tok = transformers.AutoTokenizer.from_pretrained(ASSET_DIR)
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(tmp_path / "src")
+    omnilm.load(tmp_path / "src").save_pretrained(tmp_path / "out")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert again.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[user] hi\n"
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == 2
