@@ -32,6 +32,7 @@ import torch
 
 HOT_STD = 0.2  # init std that makes greedy continuations varied (0.02 gives near-flat logits)
 NEW_TOKENS = 12
+CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 12 plus 7?"}]
 PROMPTS = ["The quick brown fox", "Describe the image.", "What is 12 plus 7?", "Once upon a time, in a"]
 
 
@@ -226,7 +227,17 @@ def prepare(row: Row, work: Path) -> dict | None:
         row.result["transformers"] = transformers_check(out, prompts)
     except Exception as e:  # any failure is a table entry, not a crash of the whole run
         row.result["transformers"] = f"no: {type(e).__name__}: {str(e)[:120]}"
-    case = {"dir": str(out), "dtype": row.dtype, "prompts": prompts, "new_tokens": NEW_TOKENS}
+    from omnilm.tokenizers.chat import render_chat
+    from omnilm.tokenizers.text import TextTokenizer
+
+    chat_ids = render_chat(CHAT, TextTokenizer.from_dir(out), add_generation_prompt=True)[0]
+    case = {
+        "dir": str(out),
+        "dtype": row.dtype,
+        "prompts": prompts,
+        "new_tokens": NEW_TOKENS,
+        "chat_ids": chat_ids,
+    }
     (out.parent / f"{out.name}.case.json").write_text(json.dumps(case, indent=1))
     return case
 
@@ -240,6 +251,24 @@ def serve(case_file: str) -> None:
 
     case = json.loads(Path(case_file).read_text())
     result = {"loads": "no", "greedy": "no", "tokenizer": "no", "chat": "no", "notes": []}
+    # vLLM's own tokenizer loader and chat template, which need no model: checked even when the model fails
+    from vllm.tokenizers.registry import get_tokenizer
+
+    try:
+        tok = get_tokenizer(case["dir"])
+    except Exception as e:
+        result["notes"].append(f"no tokenizer: {_last_line(e)}")
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    same_ids = all(tok.encode(p["text"]) == p["prompt_ids"] for p in case["prompts"] if not p["image"])
+    result["tokenizer"] = "yes" if same_ids else "no"
+    if not same_ids:
+        result["notes"].append("vLLM's tokenizer gives other prompt ids")
+    chat_ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    chat_ids = list(chat_ids["input_ids"] if hasattr(chat_ids, "keys") else chat_ids)
+    result["chat"] = "yes" if chat_ids == case["chat_ids"] else "no"
+    if chat_ids != case["chat_ids"]:
+        result["notes"].append("the chat template renders other ids than OmniLM's render_chat")
     try:
         llm = LLM(model=case["dir"], dtype=case["dtype"], max_model_len=512, enforce_eager=True, seed=0)
     except Exception as e:
@@ -247,17 +276,13 @@ def serve(case_file: str) -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
     result["loads"] = "yes"
-    tok = llm.get_tokenizer()
-    same_ids = all(tok.encode(p["text"]) == p["prompt_ids"] or p["image"] for p in case["prompts"])
-    result["tokenizer"] = "yes" if same_ids else "no"
-    if not same_ids:
-        result["notes"].append("vLLM's tokenizer gives other prompt ids")
-    try:
-        chat = llm.chat(
-            [{"role": "user", "content": "What is 12 plus 7?"}], SamplingParams(temperature=0.0, max_tokens=4)
-        )
-        result["chat"] = "yes" if chat[0].outputs[0].token_ids else "no"
+    try:  # the chat endpoint's path: LLM.chat renders with the directory's template
+        chat = llm.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=4))
+        if list(chat[0].prompt_token_ids) != case["chat_ids"]:
+            result["chat"] = "no"
+            result["notes"].append("LLM.chat's prompt ids differ from OmniLM's render_chat")
     except Exception as e:
+        result["chat"] = "no"
         result["notes"].append(f"chat: {_last_line(e)}")
     sp = SamplingParams(temperature=0.0, max_tokens=case["new_tokens"], ignore_eos=True)
     inputs = []
@@ -312,7 +337,8 @@ def run_vllm(python: str, case_file: Path, log: Path) -> dict:
     if result.get("loads") != "yes":  # the root cause is in vLLM's log, not in the exception it raised
         causes = [ln.split("] ")[-1].strip() for ln in lines if "ModuleNotFoundError" in ln]
         if causes:
-            result["notes"] = [f"vLLM cannot load: {causes[-1]}" + CAUSES.get(causes[-1], "")]
+            result["notes"] = [n for n in result.get("notes", []) if not n.startswith("vLLM cannot load")]
+            result["notes"].append(f"vLLM cannot load: {causes[-1]}" + CAUSES.get(causes[-1], ""))
     return result
 
 
