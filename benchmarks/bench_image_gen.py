@@ -22,11 +22,11 @@ import argparse
 import time
 
 import torch
-from omnilm.generation.spans import generate_image
 
 import omnilm
 from omnilm.config import DecoderConfig, DiscreteConfig, ModelConfig
-from omnilm.generation import engine
+from omnilm.generation import generate as engine
+from omnilm.generation.generate import generate_image
 
 TEXT_VOCAB = 50261  # unified-8b: GPT-2's 50257 + four span markers
 

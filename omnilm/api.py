@@ -14,9 +14,12 @@ BUNDLED_MODELS = {"demo": _ASSETS / "demo"}
 
 
 def resolve(path) -> Path:
+    """A bundled name, a local path, or a Hugging Face hub id `owner/name[@revision]` (convert/hub.py)."""
     if isinstance(path, str) and path in BUNDLED_MODELS:
         return BUNDLED_MODELS[path]
-    return Path(path)
+    from .convert.hub import local_path
+
+    return local_path(path)
 
 
 def _dtype(dtype):
@@ -104,11 +107,39 @@ def load_encoder(path, device=None, dtype=None):
     )
 
 
-def load_processor(path):
-    """The processor of a model directory: text tokenizer plus image/audio preprocessing."""
-    from .processing.multimodal import load_processor as _load_processor
+def load_processor(path, tokenizer=None):
+    """The processor of a model directory: text tokenizer plus image/audio preprocessing. A directory
+    without a tokenizer is an error unless `tokenizer` (a directory, hub id or TextTokenizer) is given."""
+    from .processing.loading import load_processor as _load_processor
 
-    return _load_processor(resolve(path))
+    path = resolve(path)
+    model_type = _model_type(path)
+    if model_type in ("qwen2_audio", "emu3"):
+        from .processing.loading import require_own_tokenizer
+
+        require_own_tokenizer(path, tokenizer, model_type)
+    if model_type == "qwen2_audio":  # families whose prompts follow their own rules
+        from .processing.qwen2_audio import Qwen2AudioProcessor
+
+        return Qwen2AudioProcessor.from_pretrained(path)
+    if model_type == "emu3":
+        from .processing.emu3 import Emu3Processor
+
+        return Emu3Processor.from_pretrained(path)
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = resolve(tokenizer)
+    return _load_processor(path, tokenizer=tokenizer)
+
+
+def _model_type(path) -> str | None:
+    """config.json's model_type, or None (unreadable configs are reported by the loader that needs them)."""
+    import json
+
+    f = Path(path) / "config.json"
+    try:
+        return json.loads(f.read_text()).get("model_type") if f.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
 
 
 def load_codec(path):

@@ -24,8 +24,12 @@ def cmd_generate(args):
 
     # Inputs are read (and refused) before the weights load: a bad file should not wait for the model.
     _check_device(args.device)
+    _check_output(args.output_image, "--output-image", _image_extensions(), ".png")
+    _check_output(args.output_audio, "--output-audio", _audio_extensions(), ".wav")
     dtype = args.dtype or ("bfloat16" if args.device and args.device.startswith("cuda") else None)
-    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype)
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
+    if args.output_image and hasattr(pipe.processor, "generation_grid"):  # Emu3: its image grammar
+        return _emu3_image(args, pipe)
     prompt = pipe.encode(args.prompt, args.image, args.audio, args.file)
     config = pipe.config(
         max_new_tokens=args.max_new_tokens,
@@ -50,6 +54,27 @@ def cmd_generate(args):
         _write_media(out, args)
 
 
+def _emu3_image(args, pipe):
+    from .generation.emu3_grammar import generate_image
+
+    width, height = args.image_size or (int(pipe.processor.image_area**0.5),) * 2
+    pipe.processor.generation_grid(height, width)  # a bad size fails before the weights load
+    image, _, _ = generate_image(
+        pipe.model, pipe.processor, args.prompt, height, width, guidance_scale=args.guidance_scale,
+        temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )  # fmt: skip
+    image.save(args.output_image)
+    print(f"wrote {args.output_image}")
+
+
+def _image_size(s):
+    try:
+        w, h = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, got {s!r}") from None
+    return w, h
+
+
 def _write_media(out, args):
     if args.output_image:
         if not out.images:
@@ -71,21 +96,34 @@ def _write_media(out, args):
 def cmd_compose(args):
     from .convert.compose import compose
 
-    compose(args.text, vision=args.vision, audio=args.audio, out=args.out)
+    compose(
+        args.text,
+        vision=args.vision,
+        audio=args.audio,
+        out=args.out,
+        tokenizer=args.tokenizer,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {args.out}")
 
 
 def cmd_convert(args):
-    import omnilm
+    from .api import _dtype, resolve
+    from .convert.convert import convert_checkpoint
 
-    model = omnilm.load(args.model, dtype=args.dtype)
-    model.save_pretrained(args.out)
-    print(f"wrote {args.out} ({type(model).__name__}, format {model.hf_format})")
+    tokenizer = resolve(args.tokenizer) if args.tokenizer is not None else None
+    model = convert_checkpoint(
+        resolve(args.model), args.out, dtype=_dtype(args.dtype), overwrite=args.overwrite, tokenizer=tokenizer
+    )
+    print(f"wrote {args.out} ({type(model).__name__}, format {model.config.hf_format})")
 
 
 def cmd_train(args):
+    from .threads import set_threads
     from .training.loop import cmd_train as run
 
+    n, why = set_threads(args.threads)
+    print(f"threads: {n} ({why})", flush=True)
     run(args)
 
 
@@ -104,12 +142,14 @@ def cmd_tokenizer_train(args):
 def cmd_tokenizer_train_image(args):
     from .tokenizers.vq import cmd_tokenizer_train_image as run
 
+    _check_device(args.device)
     run(args)
 
 
 def cmd_tokenizer_train_audio(args):
     from .tokenizers.vq import cmd_tokenizer_train_audio as run
 
+    _check_device(args.device)
     run(args)
 
 
@@ -117,16 +157,60 @@ def _check_device(name):
     """torch reports a bad or absent device with an assertion or a long RuntimeError; say it plainly."""
     if name is None:
         return
+    import re
+
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        raise OmniLMError(f"--device {name!r} is not a device name (expected cpu, cuda, cuda:N, mps)")
     import torch
 
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise OmniLMError(f"--device {name}: CUDA is not available (torch {torch.__version__})")
+        index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise OmniLMError(f"--device {name}: there is no such GPU ({count} visible: cuda:0-{count - 1})")
+    if name == "mps" and not torch.backends.mps.is_available():
         raise OmniLMError(
-            f"--device {name!r} is not a device name (expected cpu, cuda, cuda:N, mps)"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OmniLMError(f"--device {name}: CUDA is not available (torch {torch.__version__})")
+            f"--device mps: MPS is not available (it needs Apple silicon, macOS 12.3+ and a torch built with it; "
+            f"torch {torch.__version__})"
+        )
+
+
+def _image_extensions() -> set[str]:
+    """Extensions Pillow can write (.png, .jpg, .webp, ...)."""
+    from PIL import Image
+
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+
+def _audio_extensions() -> set[str]:
+    import soundfile
+
+    return {"." + fmt.lower() for fmt in soundfile.available_formats()}
+
+
+def _check_output(path, option, extensions, example):
+    """An output the run could not write is refused before the run, not after it."""
+    if path is None:
+        return
+    import os
+    from pathlib import Path
+
+    out = Path(path)
+    if out.is_dir() or path.endswith(("/", os.sep)):
+        raise OmniLMError(f"{option} {path}: is a directory; give a file name such as {out / 'out'}{example}")
+    if out.suffix.lower() not in extensions:
+        common = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tiff", ".wav", ".flac", ".ogg", ".mp3")
+        known = ", ".join([e for e in common if e in extensions] + [f"(or {len(extensions)} in all)"])
+        raise OmniLMError(
+            f"{option} {path}: unknown extension {out.suffix or '(none)'!r}; expected one of {known}"
+        )
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise OmniLMError(f"{option} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OmniLMError(f"{option} {path}: directory {parent} is not writable")
 
 
 def _fraction(s):
@@ -138,9 +222,37 @@ def _fraction(s):
 
 def _non_negative(s):
     v = float(s)
-    if not v >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s}")
+    if not 0 <= v < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
     return v
+
+
+def _positive_float(s):
+    v = float(s)
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s}")
+    return v
+
+
+def _seed(s):
+    v = int(s)
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {s}")
+    return v
+
+
+def _vocab_size(s):
+    from .tokenizers.text import SPECIAL_TOKENS
+
+    v, least = int(s), 256 + len(SPECIAL_TOKENS)
+    if v < least:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= {least} (256 bytes + special tokens), got {s}"
+        )
+    return v
+
+
+DTYPES = ["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
 
 
 def _positive_int(s):
@@ -154,104 +266,216 @@ class _Parser(argparse.ArgumentParser):
     """Usage mistakes are user errors too: one line, exit code 2 (argparse would print the usage first)."""
 
     def error(self, message):
-        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        print("error: " + " ".join(f"{self.prog}: {message} (see --help)".split()), file=sys.stderr)
         sys.exit(2)
 
 
+class _Help(argparse.HelpFormatter):
+    """Help that shows each option's default where it has a meaningful one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        empty = default is None or default is False or default in ([], "", argparse.SUPPRESS)
+        if "default" in text or empty or not action.option_strings:
+            return text
+        return (
+            f"{text} (default: {default:g})" if isinstance(default, float) else f"{text} (default: {default})"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="omnilm", description="Multimodal decoder-only language models.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from . import __version__
+    from .config import PRESETS
+
+    presets = ", ".join(PRESETS)
+    parser = _Parser(
+        prog="omnilm",
+        description="Multimodal decoder-only language models: text, images, audio and documents in; "
+        "text, images and audio out. Models are local directories, Hugging Face hub ids "
+        "(owner/name[@revision], through the hub cache; HF_HUB_OFFLINE=1 reads the cache only) or "
+        "'demo', the bundled model.",
+        epilog="Bad input prints one line `error: ...` on stderr and exits with code 2. "
+        "`omnilm COMMAND --help` describes a command.",
+        formatter_class=_Help,
+    )
+    parser.add_argument("--version", action="version", version=f"omnilm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("plan", help="size a preset exactly: parameters, memory, KV cache, FLOPs, GPU-days")
-    p.add_argument("--preset", required=True)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--seq-len", type=_positive_int, default=None)
+    p.add_argument("--preset", required=True, metavar="NAME", help=f"one of: {presets}")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     p.add_argument(
-        "--tokens", type=float, default=2e12, help="training tokens (default: the 88B design's 2T)"
+        "--seq-len",
+        type=_positive_int,
+        default=None,
+        help="training sequence length (default: the context, at most 8192)",
     )
-    p.add_argument("--gpus", type=_positive_int, default=8)
-    p.add_argument("--mfu", type=_fraction, default=0.4)
+    p.add_argument(
+        "--tokens", type=_positive_float, default=2e12, help="training tokens (default: the 88B design's 2T)"
+    )
+    p.add_argument("--gpus", type=_positive_int, default=8, help="GPUs for the FSDP and GPU-days figures")
+    p.add_argument("--mfu", type=_fraction, default=0.4, help="model FLOPs utilization, in (0, 1]")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("generate", help="generate text (and images/audio) from a prompt with media")
-    p.add_argument("--model", required=True, help="model directory, or 'demo' for the bundled checkpoint")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--image", action="append", default=[])
-    p.add_argument("--audio", action="append", default=[])
-    p.add_argument("--file", action="append", default=[])
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    p.add_argument("--temperature", type=_non_negative, default=0.0)
-    p.add_argument("--top-k", type=_positive_int, default=None)
-    p.add_argument("--top-p", type=_fraction, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--model", required=True, help="model directory, hub id, or 'demo' for the bundled checkpoint"
+    )
+    p.add_argument("--prompt", default="", help="the prompt text; <|image|> / <|audio|> place the media")
+    p.add_argument(
+        "--image", action="append", default=[], metavar="FILE", help="an image (PNG, JPEG, ...; repeatable)"
+    )
+    p.add_argument(
+        "--audio",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an audio clip (WAV, FLAC, OGG; repeatable)",
+    )
+    p.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a document or media file: PDF, HTML, Markdown, CSV, JSON, text, image or audio (repeatable)",
+    )
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate at most")
+    p.add_argument("--temperature", type=_non_negative, default=0.0, help="0 is greedy decoding")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=_fraction, default=None, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument(
+        "--seed", type=_seed, default=None, help="sampling seed, 0 <= S < 2**63 (default: unseeded)"
+    )
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--output-image", default=None)
-    p.add_argument("--output-audio", default=None)
+    p.add_argument(
+        "--output-image",
+        default=None,
+        metavar="FILE",
+        help="write the first generated image (.png, .jpg, ...)",
+    )
+    p.add_argument(
+        "--image-size", type=_image_size, default=None, help="WIDTHxHEIGHT of a generated image (Emu3)"
+    )
+    p.add_argument(
+        "--output-audio",
+        default=None,
+        metavar="FILE",
+        help="write the first generated audio (.wav, .flac, .ogg)",
+    )
     p.add_argument("--guidance-scale", type=_non_negative, default=None, help="CFG scale for image spans")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cpu)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=DTYPES,
+        help="weights dtype (default: bfloat16 on CUDA, else the checkpoint's)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="tokenizer directory, for a model directory without one",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("compose", help="build one multimodal checkpoint from pretrained parts")
-    p.add_argument("--text", required=True, help="Llama directory (Hugging Face format)")
-    p.add_argument("--vision", default=None, help="SigLIP/CLIP vision directory")
-    p.add_argument("--audio", default=None, help="Whisper/wav2vec2 directory")
-    p.add_argument("--out", required=True)
+    p.add_argument("--text", required=True, help="Llama directory or hub id (Hugging Face format)")
+    p.add_argument("--vision", default=None, help="SigLIP/CLIP vision directory or hub id")
+    p.add_argument("--audio", default=None, help="Whisper/wav2vec2 directory or hub id")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: --text's)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_compose)
 
     p = sub.add_parser(
         "convert", help="load a checkpoint and write it back (Hugging Face format where one exists)"
     )
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--model", required=True, help="model directory or hub id")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="convert the weights (default: keep)")
+    p.add_argument(
+        "--tokenizer", default=None, metavar="DIR", help="tokenizer to write with it (default: --model's)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="train from a YAML config")
-    p.add_argument("--config", required=True)
-    p.add_argument("--out", default=None)
-    p.add_argument("--max-steps", type=_positive_int, default=None)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--config", required=True, metavar="FILE", help="training YAML (see examples/train_tiny.yaml)"
+    )
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: the config's `out`)")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads (default: OMP_NUM_THREADS, else the physical cores available to the process)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="train and evaluate the tiny multimodal demo model offline")
     p.add_argument("--quick", action="store_true", help="a reduced run for tests")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tokenizer", help="train tokenizers")
     tok = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
     t = tok.add_parser("train", help="train a byte-level BPE text tokenizer")
-    t.add_argument("--input", nargs="+", required=True)
-    t.add_argument("--vocab-size", type=_positive_int, required=True)
-    t.add_argument("--out", required=True)
+    t.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files")
+    t.add_argument(
+        "--vocab-size",
+        type=_vocab_size,
+        required=True,
+        help="vocabulary size: 256 bytes + the special tokens at least",
+    )
+    t.add_argument("--out", required=True, metavar="DIR", help="output directory")
     t.set_defaults(func=cmd_tokenizer_train)
     # [tokenizer subcommands]
     t = tok.add_parser("train-image", help="train the VQ-VAE image tokenizer; prints PSNR and codebook usage")
     src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder of images (searched recursively)")
+    src.add_argument("--images", metavar="DIR", help="folder of images (searched recursively)")
     src.add_argument("--demo", action="store_true", help="the bundled handwritten digits, upscaled")
-    t.add_argument("--out", required=True)
-    t.add_argument("--steps", type=_positive_int, default=500)
-    t.add_argument("--image-size", type=_positive_int, default=32)
-    t.add_argument("--codebook-size", type=_positive_int, default=256)
-    t.add_argument("--device", default=None)
+    t.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    t.add_argument("--steps", type=_positive_int, default=500, help="training steps")
+    t.add_argument("--image-size", type=_positive_int, default=32, help="side of the square training images")
+    t.add_argument("--codebook-size", type=_positive_int, default=256, help="codes in the codebook")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cpu)")
     t.set_defaults(func=cmd_tokenizer_train_image)
     t = tok.add_parser("train-audio", help="train the audio codec (residual VQ); prints SI-SNR")
     src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--audio", help="folder of wav/flac/ogg files (searched recursively)")
+    src.add_argument("--audio", metavar="DIR", help="folder of wav/flac/ogg files (searched recursively)")
     src.add_argument("--demo", action="store_true", help="synthesized DTMF tones")
-    t.add_argument("--out", required=True)
-    t.add_argument("--steps", type=_positive_int, default=800)
-    t.add_argument("--sample-rate", type=_positive_int, default=16000)
-    t.add_argument("--device", default=None)
+    t.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    t.add_argument("--steps", type=_positive_int, default=800, help="training steps")
+    t.add_argument("--sample-rate", type=_positive_int, default=16000, help="Hz the clips are resampled to")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cpu)")
     t.set_defaults(func=cmd_tokenizer_train_audio)
+    _describe(parser)
     return parser
 
 
+def _describe(parser):
+    """Every subcommand's --help opens with its one-line summary and shows defaults, however it was
+    added (blocks above may use sub.add_parser directly)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for summary in action._choices_actions:
+                sub = action.choices[summary.dest]
+                if not sub.description and summary.help:
+                    sub.description = summary.help[:1].upper() + summary.help[1:] + "."
+                sub.formatter_class = _Help
+                _describe(sub)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `omnilm`: what it can do, not an error
+        parser.print_help()
+        return 0
     try:
         args.func(args)
     except OmniLMError as e:

@@ -50,7 +50,10 @@ class DecoderConfig:
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = True
     attention_bias: bool = False
+    qkv_bias: bool = False  # bias on q/k/v only, o_proj without (Qwen2); attention_bias sets all four
     mlp_bias: bool = False
+    sliding_window: int | None = None  # keys a query sees in a "sliding_attention" layer (Qwen2, HF's rule)
+    layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention"; None: all full
     initializer_range: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -78,6 +81,17 @@ class DecoderConfig:
             <= 0
         ):
             raise ConfigError("decoder sizes must be positive")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            kinds = {"full_attention", "sliding_attention"}
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= kinds:
+                raise ConfigError(
+                    f"layer_types must list {self.num_layers} of {sorted(kinds)}, got {self.layer_types}"
+                )
+            if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) > 0:
+                raise ConfigError(
+                    f"sliding_attention layers need a positive sliding_window, got {self.sliding_window}"
+                )
 
 
 # ---- modality configs: each path adds its dataclasses below its own marker (decorated @register_config) ----
@@ -229,8 +243,8 @@ class AudioConfig:
     projector_stack: int = 4  # adjacent encoder frames folded into one decoder token
 
     def __post_init__(self):
-        if self.kind not in ("whisper", "wav2vec2"):
-            raise ConfigError(f"audio kind must be 'whisper' or 'wav2vec2', got {self.kind!r}")
+        if self.kind not in ("whisper", "wav2vec2", "qwen2_audio"):
+            raise ConfigError(f"audio kind must be 'whisper', 'wav2vec2' or 'qwen2_audio', got {self.kind!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"audio hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -251,7 +265,7 @@ class AudioConfig:
                 f"window_seconds {self.window_seconds} x sampling_rate {self.sampling_rate} is not a whole "
                 "number of samples"
             )
-        if self.kind == "whisper" and self.frames_per_window > self.max_source_positions:
+        if self.kind != "wav2vec2" and self.frames_per_window > self.max_source_positions:
             raise ConfigError(
                 f"a {self.window_seconds} s window gives {self.frames_per_window} encoder frames but "
                 f"max_source_positions is {self.max_source_positions}"
@@ -269,9 +283,11 @@ class AudioConfig:
     @property
     def frames_per_window(self) -> int:
         """Encoder output frames for one window (after the encoder's own downsampling)."""
-        if self.kind == "whisper":
+        if self.kind != "wav2vec2":
             mel_frames = self.samples_per_window // self.hop_length  # 480000 / 160 = 3000
-            return (mel_frames - 1) // 2 + 1  # conv2: kernel 3, stride 2, padding 1
+            frames = (mel_frames - 1) // 2 + 1  # conv2: kernel 3, stride 2, padding 1
+            # qwen2_audio: the average pool (kernel 2, stride 2) after the layers, 1500 -> 750
+            return (frames - 2) // 2 + 1 if self.kind == "qwen2_audio" else frames
         n = self.samples_per_window
         for k, s in zip(self.conv_kernel, self.conv_stride):
             n = (n - k) // s + 1 if n >= k else 0
@@ -467,7 +483,7 @@ class ModelConfig:
         decoder), "llava" (plus a LLaVA-shaped vision tower), else "omnilm" (OmniLM's own format)."""
         if self.audio is None and self.discrete is None:
             if self.vision is None:
-                return "llama"
+                return "qwen2" if self.decoder.qkv_bias else "llama"
             if self.vision.pixel_shuffle == 1 and self.vision.feature_layer is not None:
                 return "llava"
         return "omnilm"
@@ -585,6 +601,28 @@ def _llama(hidden, layers, heads, kv, ffn, head_dim, rope, tie, source):
     )
 
 
+def _qwen25(hidden, layers, heads, kv, ffn, tie, vocab, max_pos, source):
+    # Qwen2.5 base configs: q/k/v bias, rope theta 1e6, RMSNorm eps 1e-6, sliding window off
+    return ModelConfig(
+        decoder=DecoderConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv,
+            intermediate_size=ffn,
+            max_seq_len=max_pos,
+            rope_theta=1000000.0,
+            tie_embeddings=tie,
+            qkv_bias=True,
+            norm_eps=1e-6,
+            bos_token_id=151643,
+            eos_token_id=151643,
+        ),
+        source=source,
+    )
+
+
 PRESETS = {
     "tiny": _tiny,
     # meta-llama/Llama-3.2-1B config.json (https://huggingface.co/meta-llama/Llama-3.2-1B); seed 004
@@ -622,6 +660,51 @@ PRESETS = {
         LLAMA3_ROPE_8B,
         False,
         "https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json",
+    ),
+    # Qwen/Qwen2.5-*B config.json files (https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json, ...)
+    "qwen2.5-0.5b": lambda: _qwen25(
+        896,
+        24,
+        14,
+        2,
+        4864,
+        True,
+        151936,
+        32768,
+        "https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json",
+    ),
+    "qwen2.5-1.5b": lambda: _qwen25(
+        1536,
+        28,
+        12,
+        2,
+        8960,
+        True,
+        151936,
+        131072,
+        "https://huggingface.co/Qwen/Qwen2.5-1.5B/blob/main/config.json",
+    ),
+    "qwen2.5-3b": lambda: _qwen25(
+        2048,
+        36,
+        16,
+        2,
+        11008,
+        True,
+        151936,
+        32768,
+        "https://huggingface.co/Qwen/Qwen2.5-3B/blob/main/config.json",
+    ),
+    "qwen2.5-7b": lambda: _qwen25(
+        3584,
+        28,
+        28,
+        4,
+        18944,
+        False,
+        152064,
+        131072,
+        "https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json",
     ),
     # The unified discrete-token transformer (seeds/002): hidden 4096, 36 layers, 32 heads, FFN 16384,
     # pre-LayerNorm, GELU FFN, RoPE, text vocab 50257 (+ image 16384 and audio 1024 codes, added by the

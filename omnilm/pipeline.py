@@ -100,13 +100,13 @@ class Pipeline:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, **engine_settings) -> Pipeline:
+    def from_pretrained(cls, path, device=None, dtype=None, tokenizer=None, **engine_settings) -> Pipeline:
         """The processor now; the model when first needed. path: a model directory or 'demo'."""
         from .api import load_processor, resolve
         from .convert.hf import checkpoint_dir
 
         model_dir = checkpoint_dir(resolve(path))
-        processor = load_processor(model_dir)
+        processor = load_processor(model_dir, tokenizer=tokenizer)
         return cls(processor, None, default_generation_config(model_dir, processor), model_dir, device, dtype,
                    **engine_settings)  # fmt: skip
 
@@ -129,7 +129,9 @@ class Pipeline:
         model = self.model
         with self._lock:
             if self._engine is None:
-                self._engine = Engine(model, max_batch=self.max_batch, max_queue=self.max_queue)
+                self._engine = Engine(
+                    model, max_batch=self.max_batch, max_queue=self.max_queue, prefix_caching=True
+                )
                 self._engine.start()
         return self._engine
 
@@ -154,7 +156,8 @@ class Pipeline:
             batch = proc(text=prompt, images=images or None, audio=audio or None, files=files or None)
         else:
             batch = proc(messages=prompt, images=images or None, audio=audio or None)
-        media = {k: batch[k] for k in ("pixel_values", "input_features") if batch.get(k) is not None}
+        keys = ("pixel_values", "input_features", "feature_attention_mask", "image_sizes")  # + family inputs
+        media = {k: batch[k] for k in keys if batch.get(k) is not None}
         return Prompt(batch["input_ids"][0].tolist(), media)
 
     def eos_ids(self, config: GenerationConfig) -> list[int]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .config import ModelConfig, get_preset
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM dense bf16 peak, NVIDIA datasheet
@@ -27,9 +25,12 @@ ADAMW_BYTES = {"weights": 4, "grads": 4, "adam_moments": 8}
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Exact parameter counts by group, from a model built on the meta device."""
+    from .convert.hf import init_empty_weights
     from .models.omni import OmniModel
 
-    with torch.device("meta"):
+    # parameters on the meta device, buffers real and init skipped: meta-device kernels import
+    # torch._dynamo (seconds of start-up)
+    with init_empty_weights():
         model = OmniModel(cfg)
     groups = {
         "embeddings": 0,

@@ -37,7 +37,7 @@ def small_decoder(vocab=2048):
     )  # fmt: skip
 
 
-def text_case():
+def text_batch():
     model = heat(omnilm.build("tiny", seed=0), seed=1)
     g = torch.Generator().manual_seed(2)
     a, b = torch.randint(3, 2048, (5,), generator=g), torch.randint(3, 2048, (9,), generator=g)
@@ -45,6 +45,20 @@ def text_case():
     mask = torch.zeros(2, 9, dtype=torch.long)
     ids[0, 4:], mask[0, 4:] = a, 1
     ids[1], mask[1] = b, 1
+    return model, ids, mask, b
+
+
+def text_row_alone(row: int, seed: int):
+    """One row of the text batch sampled alone with `seed`, as the "sampled" case samples it."""
+    model, ids, mask, _ = text_batch()
+    prompt = ids[row][mask[row].bool()][None]
+    return model.generate(prompt, max_new_tokens=24, temperature=0.8, top_p=0.9, seed=seed, eos_token_id=[])[
+        0
+    ].tolist()
+
+
+def text_case():
+    model, ids, mask, b = text_batch()
     out = {}
     out["greedy"] = model.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[]).tolist()
     out["sampled"] = model.generate(

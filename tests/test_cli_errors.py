@@ -23,6 +23,7 @@ import omnilm
 from omnilm.cli import main
 from omnilm.errors import ConfigError
 from omnilm.processing.documents import build_pdf
+from omnilm.tokenizers.text import TextTokenizer
 
 transformers = pytest.importorskip("transformers")
 CONTEXT = 512  # the tiny Llama's max_position_embeddings: a prompt of a few hundred words overflows it
@@ -50,6 +51,7 @@ def make_parts(root):
         pad_token_id=0,
     )
     transformers.LlamaForCausalLM(llama).save_pretrained(root / "llama")
+    TextTokenizer.default().save(root / "llama")  # its tokenizer: a text model without one is refused
     siglip = transformers.SiglipVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -290,6 +292,7 @@ def test_checkpoint_with_wrong_shapes(model_dir, tmp_path, capsys):
     src = model_dir.parent / "llama"
     bad.mkdir()
     (bad / "config.json").write_text((src / "config.json").read_text())
+    TextTokenizer.default().save(bad)
     state = load_file(src / "model.safetensors")
     state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:, :32].clone()
     save_file(state, bad / "model.safetensors", metadata={"format": "pt"})

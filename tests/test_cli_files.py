@@ -14,7 +14,6 @@ from PIL import Image
 from test_cli_errors import composed_model, run_cli
 
 import omnilm
-from omnilm import cli
 from omnilm.processing.documents import build_pdf
 
 pytest.importorskip("transformers")
@@ -51,14 +50,16 @@ def files(tmp_path_factory):
 def test_pdf_and_notes_through_the_cli(model_dir, files, monkeypatch, capsys):
     """The CLI's prompt batch holds the PDF's text, its two images as placeholder runs in page order,
     and the notes; it equals the Python API's processor call."""
+    from omnilm.pipeline import Pipeline
+
     seen = {}
-    real = cli._prompt_batch
+    real = Pipeline.encode
 
-    def spy(args, processor, path):
-        seen["batch"] = batch = real(args, processor, path)
-        return batch
+    def spy(self, *args, **kwargs):
+        seen["prompt"] = prompt = real(self, *args, **kwargs)
+        return prompt
 
-    monkeypatch.setattr(cli, "_prompt_batch", spy)
+    monkeypatch.setattr(Pipeline, "encode", spy)
     prompt = "Who paid and how much is due?"
     rc, out, err = run_cli(
         capsys, "generate", "--model", model_dir, "--file", files / "doc.pdf", "--file", files / "notes.md",
@@ -69,8 +70,8 @@ def test_pdf_and_notes_through_the_cli(model_dir, files, monkeypatch, capsys):
 
     processor = omnilm.load_processor(model_dir)
     batch = processor(text=prompt, files=[files / "doc.pdf", files / "notes.md"])
-    assert torch.equal(seen["batch"]["input_ids"], batch["input_ids"])
-    assert torch.equal(seen["batch"]["pixel_values"], batch["pixel_values"])
+    assert seen["prompt"].ids == batch["input_ids"][0].tolist()
+    assert torch.equal(seen["prompt"].media["pixel_values"], batch["pixel_values"])
 
     cfg = omnilm.load(model_dir).config
     ids = batch["input_ids"][0]

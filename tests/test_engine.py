@@ -151,14 +151,17 @@ def test_cancel_frees_pages_at_once(model):
     assert keep.finish_reason == "length" and len(keep.output) == 30 and engine.pool.used == 0
 
 
-def test_page_pool_never_leaks_over_random_events(model):
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_page_pool_never_leaks_over_random_events(model, prefix_caching):
     rng = random.Random(1234)
-    engine = Engine(model, max_batch=4, max_queue=8, num_pages=24, page_size=8)
-    live = []
+    engine = Engine(model, max_batch=4, max_queue=8, num_pages=24, page_size=8, prefix_caching=prefix_caching)
+    live, system = [], [1] + [rng.randrange(20, 2000) for _ in range(20)]  # prompts often share it
     for _ in range(200):
         event = rng.random()
         if event < 0.4:
-            prompt = [1] + [rng.randrange(20, 2000) for _ in range(rng.randrange(0, 40))]
+            prompt = system[: rng.choice([1, 9, 21])] + [
+                rng.randrange(20, 2000) for _ in range(rng.randrange(0, 25))
+            ]
             try:
                 live.append(engine.submit(prompt, GenerationConfig(max_new_tokens=rng.randrange(1, 20))))
             except QueueFullError:
@@ -168,12 +171,38 @@ def test_page_pool_never_leaks_over_random_events(model):
         else:
             engine.step()
         live = [r for r in live if not r.finished]
-        held = sum(len(s.pages) for r in engine.running + engine.prefilling for s in r.seqs)
-        assert engine.pool.used == held and 0 <= engine.pool.free <= engine.pool.num_pages
+        held = {p for r in engine.running + engine.prefilling for s in r.seqs for p in s.pages}  # shared once
+        assert engine.pool.used == len(held) and 0 <= engine.pool.free <= engine.pool.num_pages
     for r in live:
         r.cancel()
     engine.step(admit=False)
     assert engine.pool.used == 0 and not engine.running and not engine.prefilling
+
+
+def test_prefix_caching_shares_the_system_prompt_pages(model):
+    g = torch.Generator().manual_seed(5)
+    system = [1] + text(g, 47)  # 3 full pages of 16
+    prompts = [system + text(g, 5), system + text(g, 9)]
+    cfg = GenerationConfig(max_new_tokens=12)
+    plain = [run_alone(model, p, cfg, {})[0] for p in prompts]
+    engine = Engine(model, prefix_caching=True)
+    first = engine.submit(prompts[0], cfg)
+    engine.step()  # prefilled: its full prompt pages are registered
+    used = engine.pool.used
+    second = engine.submit(prompts[1], cfg)
+    engine.step()
+    shared = first.seqs[0].pages[:3]
+    assert second.seqs[0].pages[:3] == shared  # shared, not computed again
+    assert engine.pool.used - used == len(second.seqs[0].pages) - 3
+    while engine.has_work():
+        engine.step()
+    assert [first.output, second.output] == plain and engine.pool.used == 0
+    third = engine.submit(prompts[1], cfg)  # freed pages keep their contents until handed out again
+    engine.step()
+    assert third.seqs[0].pages[:3] == shared
+    while engine.has_work():
+        engine.step()
+    assert third.output == plain[1]
 
 
 def test_full_queue_and_long_prompt_fail_alone(model):
@@ -226,3 +255,20 @@ def test_generation_config_rejects_bad_values():
             GenerationConfig(**bad)
     with pytest.raises(OmniLMError, match="unknown generation setting"):
         GenerationConfig().updated(temprature=1.0)
+
+
+def test_a_fault_in_the_step_ends_requests_with_the_error(model, monkeypatch):
+    engine = Engine(model, max_batch=2)
+    engine.start()
+    try:
+        boom = RuntimeError("simulated out of memory")
+        monkeypatch.setattr(engine, "_decode", lambda: (_ for _ in ()).throw(boom))
+        reqs = [engine.submit([1, 40 + i], GenerationConfig(max_new_tokens=5)) for i in range(3)]
+        last = [list(r.events(timeout=60))[-1] for r in reqs]
+        assert all(ev.finish_reason == "error" and ev.error is boom for ev in last)
+        assert engine.pool.used == 0
+        monkeypatch.undo()  # the engine goes on serving
+        ok = engine.submit([1, 50], GenerationConfig(max_new_tokens=3))
+        assert [ev.finish_reason for ev in ok.events(timeout=60)][-1] == "length"
+    finally:
+        engine.stop()

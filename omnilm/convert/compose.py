@@ -18,6 +18,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..tokenizers.text import AUDIO, IMAGE, TextTokenizer
 from .export import remember_source, write_export_files
+from .files import atomic_dir, carry, check_out_dir, require_tokenizer
 from .hf import (
     checkpoint_dir,
     decoder_config_from_hf,
@@ -28,18 +29,23 @@ from .hf import (
     read_state_dict,
     retie,
 )
+from .hub import local_path
+
+# what the text model's directory holds besides its tokenizer.json (which the processor rewrites)
+TEXT_SIDE_FILES = (
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _tokenizer_with_markers(text_dir: Path, markers: list[str]) -> TextTokenizer:
-    tok = (
-        TextTokenizer.from_dir(text_dir)
-        if (text_dir / "tokenizer.json").is_file()
-        else TextTokenizer.default()
-    )
+def _tokenizer_with_markers(tok_dir: Path, markers: list[str]) -> TextTokenizer:
+    tok = TextTokenizer.from_dir(tok_dir)
     vocab = tok._tok.get_vocab(with_added_tokens=True)
     missing = [m for m in markers if m not in vocab]
     if missing:
@@ -59,12 +65,22 @@ def _grow_vocab(state: dict, cfg, new_size: int) -> dict:
     return state
 
 
-def compose(text, vision=None, audio=None, out=None, seed: int = 0):
-    """Write the composed checkpoint and its processor to `out`; returns the model."""
+def compose(text, vision=None, audio=None, out=None, seed: int = 0, tokenizer=None, overwrite: bool = False):
+    """Write the composed checkpoint and its processor to `out`; returns the model.
+
+    Parts are directories or hub ids. The tokenizer is the text model's (or `tokenizer`, a directory
+    holding one); a text model without one is refused. `out` is written whole or not at all, and an
+    existing non-empty `out` is refused unless `overwrite`."""
     from ..models.omni import OmniModel
     from ..processing.multimodal import Processor
 
-    text_dir = checkpoint_dir(text)
+    if out is not None:
+        check_out_dir(out, overwrite)  # before any weights are read
+    text_dir = checkpoint_dir(local_path(text))
+    tok_dir = checkpoint_dir(local_path(tokenizer)) if tokenizer is not None else text_dir
+    require_tokenizer(tok_dir, what="--tokenizer directory" if tokenizer is not None else "--text model")
+    vision = checkpoint_dir(local_path(vision)) if vision is not None else None
+    audio = checkpoint_dir(local_path(audio)) if audio is not None else None
     hf_text = read_config(text_dir)
     if hf_text.get("model_type") != "llama":
         raise CheckpointError(
@@ -113,7 +129,7 @@ def compose(text, vision=None, audio=None, out=None, seed: int = 0):
         )
 
     markers = ([IMAGE] if vision is not None else []) + ([AUDIO] if audio is not None else [])
-    tokenizer = _tokenizer_with_markers(text_dir, markers)
+    tokenizer = _tokenizer_with_markers(tok_dir, markers)
     if tokenizer.vocab_size > cfg.decoder.vocab_size:
         lm_state = _grow_vocab(lm_state, cfg.decoder, tokenizer.vocab_size)
     cfg.image_token_id = tokenizer.image_token_id if vision is not None else None
@@ -137,9 +153,24 @@ def compose(text, vision=None, audio=None, out=None, seed: int = 0):
     retie(model)
     model.eval()
 
-    if out is not None:
-        model.save_pretrained(out)
-        Processor.from_model_config(cfg, tokenizer, image_processor, audio_processor).save_pretrained(out)
-        # complete the tokenizer just written (chat template) and derive the eos ids from it
-        write_export_files(remember_source(model, out), out, hf_format=model.hf_format != "omnilm")
+    if out is None:
+        return model
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        carry(tok_dir, tmp, names=TEXT_SIDE_FILES)
+        Processor.from_model_config(cfg, tokenizer, image_processor, audio_processor).save_pretrained(tmp)
+        _keep_chat_template(tok_dir / "tokenizer_config.json", tmp / "tokenizer_config.json")
+        # complete the tokenizer just written (OmniLM's chat template if it has none; the eos ids)
+        write_export_files(remember_source(model, tmp), tmp, hf_format=model.hf_format != "omnilm")
+    remember_source(model, out)
     return model
+
+
+def _keep_chat_template(src: Path, dst: Path) -> None:
+    """The processor writes its own tokenizer_config.json (with the new markers); the text model's chat
+    template lives in its tokenizer_config.json and must survive."""
+    template = (_read_json(src) or {}).get("chat_template")
+    if template is not None and dst.is_file():
+        config = json.loads(dst.read_text())
+        config.setdefault("chat_template", template)
+        dst.write_text(json.dumps(config, indent=2) + "\n")

@@ -119,8 +119,9 @@ def write_export_files(model, path, hf_format: bool = True) -> None:
 
     tok = write_tokenizer(src, path) if src is not None else None
     gen_src = src / "generation_config.json" if src is not None else None
-    if gen_src is not None and gen_src.is_file() and gen_src.resolve() != (path / gen_src.name).resolve():
-        shutil.copyfile(gen_src, path / "generation_config.json")
+    if gen_src is not None and gen_src.is_file():  # the source's own (it may hold sampling defaults)
+        if gen_src.resolve() != (path / gen_src.name).resolve():
+            shutil.copyfile(gen_src, path / "generation_config.json")
     else:
         gen = generation_config(model.config.decoder, tok)
         (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 from ..errors import CheckpointError
+from .emu3 import load_emu3, save_emu3
 from .export import remember_source, write_export_files
 from .hf import OMNILM_CONFIG, checkpoint_dir, load_llama, load_omnilm, read_config, save_llama, save_omnilm
+from .qwen2 import load_qwen2, save_qwen2
+from .qwen2_audio import load_qwen2_audio, save_qwen2_audio
 from .vision import load_llava, save_llava
 
 
@@ -22,6 +25,12 @@ def load(path, device=None, dtype=None):
         return remember_source(load_llama(path, hf, device, dtype), path)
     if model_type == "llava":
         return remember_source(load_llava(path, hf, device, dtype), path)
+    if model_type == "qwen2":
+        return remember_source(load_qwen2(path, hf, device, dtype), path)
+    if model_type == "qwen2_audio":
+        return remember_source(load_qwen2_audio(path, hf, device, dtype), path)
+    if model_type == "emu3":
+        return remember_source(load_emu3(path, hf, device, dtype), path)
     raise CheckpointError(
         f"{path}/config.json: model_type {model_type!r} is not supported by omnilm.load "
         "(expected 'llama', 'llava' or an OmniLM checkpoint)"
@@ -29,12 +38,24 @@ def load(path, device=None, dtype=None):
 
 
 def save_pretrained(model, path):
-    fmt = model.config.hf_format
-    if fmt == "llama":
-        save_llama(model, path)
-    elif fmt == "llava":
-        save_llava(model, path)
-    else:
-        save_omnilm(model, path)
+    _save(model, path)
     # tokenizer, chat template, generation_config, dtype, processor configs (convert/export.py)
-    write_export_files(model, path, hf_format=fmt in ("llama", "llava"))
+    write_export_files(model, path, hf_format=model.hf_format in HF_FORMATS)
+
+
+HF_FORMATS = ("llama", "llava", "qwen2", "qwen2_audio", "emu3")
+
+
+def _save(model, path):
+    fmt = model.hf_format  # the config's, or a family model's own (Qwen2-Audio, Emu3)
+    if fmt == "llama":
+        return save_llama(model, path)
+    if fmt == "llava":
+        return save_llava(model, path)
+    if fmt == "qwen2":
+        return save_qwen2(model, path)
+    if fmt == "qwen2_audio":
+        return save_qwen2_audio(model, path)
+    if fmt == "emu3":
+        return save_emu3(model, path)
+    return save_omnilm(model, path)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import DecoderConfig, ModelConfig, RopeScaling
 from ..errors import CheckpointError
+from .files import honour_umask
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 OMNILM_CONFIG = "omnilm_config.json"
@@ -100,11 +101,13 @@ def write_state_dict(state: dict[str, torch.Tensor], path, max_shard_bytes: int 
     shards.append(current)
     if len(shards) == 1:
         save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
+        honour_umask(path / "model.safetensors")  # safetensors writes a 0600 temporary file and renames it
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, path / name, metadata={"format": "pt"})
+        honour_umask(path / name)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(v.numel() * v.element_size() for v in state.values())
     (path / "model.safetensors.index.json").write_text(

@@ -34,12 +34,13 @@ import torch
 
 from ..errors import ContextLengthError, OmniLMError, QueueFullError
 from .config import GenerationConfig
-from .paged import PagedKV, PagePool
+from .paged import PagedKV, PagePool, prefix_hashes
 from .processors import IMAGE_CODES, Penalties, SpanController, guide, null_prompt
 from .sampling import sample
 
 PAGE_SIZE = 16
 PREFILL_CHUNK = 512  # prompt tokens prefilled per engine step: long prompts do not stall decoding
+BATCHED_MEDIA = {"pixel_values", "input_features"}  # encoded for several requests in one batch
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Sequence:
 class Request:
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids, config: GenerationConfig, media, on_event, uncond_ids=None):
+    def __init__(self, prompt_ids, config: GenerationConfig, media, on_event, uncond_ids=None, processors=()):
         self.id = next(Request._ids)
         self.config = config
         self.prompt_ids = list(prompt_ids)
@@ -85,7 +86,7 @@ class Request:
         self.max_new = 0
         self.eos: set[int] = set()
         self.generator = None
-        self.processors: list = []
+        self.processors: list = list(processors)  # a family's own rules (Emu3's image grammar) come first
         self.spans: SpanController | None = None
         self.only: str | None = None  # "image": the whole output is one image span (image head only)
 
@@ -127,9 +128,13 @@ class Engine:
         num_pages: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
         compile: bool = False,
+        prefix_caching: bool = False,
     ):
         """compile: the decode forward under torch.compile with dynamic batch and length (inductor;
-        worth it where per-op overhead dominates: small models, CPU)."""
+        worth it where per-op overhead dominates: small models, CPU). prefix_caching: prompts that
+        start like an earlier one (a system prompt) reuse its full pages of keys/values (text-only
+        prompts; the rest of the prompt is then prefilled against them)."""
+        self.prefix_caching = prefix_caching
         self.model = model
         self._decode_forward = torch.compile(self._forward, dynamic=True) if compile else self._forward
         dec = model.config.decoder
@@ -155,7 +160,7 @@ class Engine:
     # ---- the caller's side -------------------------------------------------------------------------
 
     def submit(self, prompt_ids, config: GenerationConfig | None = None, media=None, on_event=None,
-               uncond_ids=None) -> Request:  # fmt: skip
+               uncond_ids=None, processors=()) -> Request:  # fmt: skip
         """Queue a request. Raises at once: ContextLengthError (prompt over the context, or more pages
         than the pool has), QueueFullError (the waiting queue is full)."""
         config = config or GenerationConfig()
@@ -175,11 +180,15 @@ class Engine:
             raise OmniLMError(
                 f"prompt token ids must be in [0, {vocab}); got {min(prompt_ids)}..{max(prompt_ids)}"
             )
-        if config.guided and disc is None:
+        if uncond_ids is not None and not 0 < len(uncond_ids) < self.ctx:
+            raise OmniLMError(
+                f"the unconditional prompt needs 1 to {self.ctx - 1} tokens, got {len(uncond_ids)}"
+            )
+        if config.guided and disc is None and uncond_ids is None:
             raise OmniLMError(
                 "guidance_scale: this model does not generate images (it has no discrete config)"
             )
-        req = Request(prompt_ids, config, media, on_event, uncond_ids)
+        req = Request(prompt_ids, config, media, on_event, uncond_ids, processors)
         need = self._pages_needed(req)
         if need > self.pool.num_pages:
             raise ContextLengthError(
@@ -222,7 +231,19 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a fault in the step itself (out of memory, a bug): every request
+                # in flight ends with the error instead of waiting forever; the engine goes on
+                self.fail_all(e)
+
+    def fail_all(self, error: Exception):
+        with self._lock:
+            queued, self.waiting = list(self.waiting), deque()
+        for req in [*self.prefilling, *self.running]:
+            self._finish(req, Event(None, finish_reason="error", error=error))
+        for req in queued:
+            req._emit(Event(None, finish_reason="error", error=error))
 
     # ---- one step ------------------------------------------------------------------------------------
 
@@ -241,20 +262,33 @@ class Engine:
                     break  # first come, first served: later requests wait too
                 self._admit(self.waiting.popleft())
         budget = self.prefill_chunk
-        for req in list(self.prefilling):
+        whole = []  # fresh prompts that fit this step whole: prefilled together, by length
+        for req in self.prefilling:
+            n = sum(len(seq.ids) for seq in req.seqs)
+            if n > budget or any(seq.cached for seq in req.seqs) or set(req.media) - BATCHED_MEDIA:
+                break
+            whole.append(req)
+            budget -= n
+        self._prefill_whole(whole)
+        for req in list(self.prefilling):  # then long prompts, a chunk at a time
             if budget <= 0:
                 break
-            budget -= self._prefill(req, budget)
+            if req not in whole:
+                budget -= self._prefill(req, budget)
         if self.running:
             self._decode()
 
     def _pages_needed(self, req: Request) -> int:
-        n = len(req.prompt_ids)
-        total = min(n + req.config.max_new_tokens, self.ctx)
-        pages = math.ceil(total / self.page_size)
-        if req.config.guided:  # the unconditional twin: at most as long as the prompt, plus the output
-            pages *= 2
+        """Pages for the prompt plus every token it may generate; under guidance, for its twin too
+        (the null prompt is never longer than the prompt; a given uncond prompt counts as it is)."""
+        max_new = min(req.config.max_new_tokens, self.ctx - len(req.prompt_ids))
+        pages = self._pages_for(len(req.prompt_ids), max_new)
+        if req.config.guided:
+            pages += self._pages_for(len(req.uncond_ids or req.prompt_ids), max_new)
         return pages
+
+    def _pages_for(self, prompt_len: int, max_new: int) -> int:
+        return math.ceil((prompt_len + max_new) / self.page_size)
 
     def _admit(self, req: Request):
         cfg, model = req.config, self.model
@@ -279,9 +313,16 @@ class Engine:
             if cfg.guided:
                 uncond = req.uncond_ids or null_prompt(disc, ids, dec.bos_token_id)[0]
                 req.seqs.append(Sequence(list(uncond) or [req.prompt_ids[-1]]))
-        total = min(T + req.max_new, self.ctx)
+        elif cfg.guided:  # a family's own grammar (Emu3) guides every token against the given uncond prompt
+            req.seqs.append(Sequence(list(req.uncond_ids)))
         for seq in req.seqs:
-            seq.pages = self.pool.allocate(math.ceil(total / self.page_size))
+            total = self._pages_for(len(seq.ids), req.max_new)
+            if self.prefix_caching and not req.media and len(req.seqs) == 1:
+                # at least the last prompt token is computed: its logits give the first new token
+                hashes = prefix_hashes(seq.ids, self.page_size, (T - 1) // self.page_size)
+                seq.pages = self.pool.lookup(hashes)
+                seq.cached = len(seq.pages) * self.page_size
+            seq.pages += self.pool.allocate(total - len(seq.pages))
         self.prefilling.append(req)
 
     def _prefill(self, req: Request, budget: int) -> int:
@@ -302,7 +343,7 @@ class Engine:
                     return done
                 start, end = seq.cached, seq.cached + n
                 write = torch.tensor(self.kv.slots(seq.pages, start, end), device=self.device)
-                read = torch.tensor([self.kv.slots(seq.pages, 0, end)], device=self.device)  # (1, end)
+                read = self._read_pages([seq], end)  # (1, n_pages)
                 mask = None  # a fresh prompt in one chunk: plain causal attention (SDPA's flash kernel)
                 if start > 0:  # a later chunk: its queries see every earlier key and the causal part
                     q = torch.arange(start, end, device=self.device)
@@ -311,7 +352,7 @@ class Engine:
                     inputs_embeds=seq.embeds[None, start:end],
                     attention_mask=mask,
                     position_ids=torch.arange(start, end, device=self.device)[None],
-                    cache=self.kv.view(write, read),
+                    cache=self.kv.view(write, read, end),
                     cache_position=torch.arange(start, end, device=self.device),
                     kv_len=end,
                     logits_slice=slice(-1, None),
@@ -325,12 +366,70 @@ class Engine:
             self._finish(req, Event(None, finish_reason="error", error=e))
             return done
         if all(seq.cached >= len(seq.ids) for seq in req.seqs):
-            self.prefilling.remove(req)
-            self.running.append(req)
-            self._sample(req, [seq.last_logits for seq in req.seqs])
-            for seq in req.seqs:
-                del seq.last_logits
+            self._start(req)
         return done
+
+    def _prefill_whole(self, reqs: list[Request]):
+        """Prefill whole fresh prompts, one forward per prompt length: rows of equal length need no
+        padding, so each row computes exactly what it computes alone. The media of a group are
+        encoded in one batch too (scattered in row order). A group whose forward fails (a request
+        with bad media) is redone one request at a time, so the bad one fails alone."""
+        groups: dict[int, list] = {}
+        for req in reqs:
+            for i, seq in enumerate(req.seqs):
+                groups.setdefault(len(seq.ids), []).append((req, i, seq))
+        failed = set()
+        for T, rows in groups.items():
+            try:
+                self._forward_prefill_group(T, rows)
+            except OmniLMError:
+                failed.update(req for req, _, _ in rows)
+        for req in reqs:
+            if req in failed:
+                for seq in req.seqs:
+                    seq.cached, seq.embeds = 0, None
+                self._prefill(req, sum(len(seq.ids) for seq in req.seqs))
+            elif req in self.prefilling:
+                self._start(req)
+
+    def _forward_prefill_group(self, T: int, rows):
+        dev = self.device
+        ids = torch.tensor([seq.ids for _, _, seq in rows], device=dev)  # (B, T)
+        media = {}
+        for key in BATCHED_MEDIA:
+            parts = [req.media[key] for req, i, _ in rows if i == 0 and key in req.media]
+            if parts:
+                media[key] = torch.cat(parts)
+        embeds = self.model.embed(ids, **media)  # (B, T, D)
+        write = torch.tensor([t for _, _, seq in rows for t in self.kv.slots(seq.pages, 0, T)], device=dev)
+        only = "image" if all(req.only == "image" for req, _, _ in rows) else None
+        out = self.model(
+            inputs_embeds=embeds,
+            position_ids=torch.arange(T, device=dev)[None].expand(len(rows), -1),
+            cache=self.kv.view(write, self._read_pages([seq for _, _, seq in rows], T), T),
+            cache_position=torch.arange(T, device=dev),
+            kv_len=T,
+            logits_slice=slice(-1, None),
+            **({"logits_modality": only} if only else {}),
+        )
+        disc = self.model.config.discrete
+        for b, (req, _, seq) in enumerate(rows):
+            logits = out.logits[b : b + 1, -1]  # (1, V)
+            if req.only == "image" and only is None:
+                logits = logits[:, disc.image_offset : disc.audio_offset]
+            seq.cached, seq.last_logits = T, logits
+
+    def _start(self, req: Request):
+        """Every sequence of req is prefilled: sample its first token and let it decode."""
+        if self.prefix_caching and not req.media and len(req.seqs) == 1:
+            seq, P = req.seqs[0], self.page_size
+            for page, h in zip(seq.pages, prefix_hashes(seq.ids, P, len(seq.ids) // P)):
+                self.pool.register(page, h)
+        self.prefilling.remove(req)
+        self.running.append(req)
+        self._sample(req, [seq.last_logits for seq in req.seqs])
+        for seq in req.seqs:
+            del seq.last_logits
 
     def _decode(self):
         """One batched forward: every running sequence feeds its last token."""
@@ -341,7 +440,7 @@ class Engine:
         tokens = torch.tensor([[req.output[-1]] for req in reqs for _ in req.seqs], device=self.device)
         write = torch.tensor([self.kv.slots(s.pages, s.cached, s.cached + 1)[0] for s in seqs],
                              device=self.device)  # fmt: skip
-        read = self._read_slots(seqs, S)  # (B, S)
+        read = self._read_pages(seqs, S)  # (B, n_pages)
         positions = torch.tensor([[s.cached] for s in seqs], device=self.device)  # (B, 1)
         mask = None
         if min(lengths) != S:  # rows of different lengths: each attends to its own keys only
@@ -351,7 +450,7 @@ class Engine:
             )
             mask = mask[:, None, None, :]  # (B, 1, 1, S)
         only = "image" if all(req.only == "image" for req in reqs) else None
-        logits = self._decode_forward(tokens, mask, positions, write, read, only)  # (B, V) or (B, V_image)
+        logits = self._decode_forward(tokens, mask, positions, write, read, S, only)  # (B, V) or (B, V_image)
         row = 0
         for req, seq_count in [(r, len(r.seqs)) for r in reqs]:
             for seq in req.seqs:
@@ -364,27 +463,25 @@ class Engine:
             row += seq_count
             self._sample(req, rows)
 
-    def _forward(self, tokens, mask, positions, write, read, only):
+    def _forward(self, tokens, mask, positions, write, read, S, only):
         """The decode step's model call: tokens, positions (B, 1); mask (B, 1, 1, S) or None."""
         out = self.model(
             tokens,
             attention_mask=mask,
             position_ids=positions,
-            cache=self.kv.view(write, read),
+            cache=self.kv.view(write, read, S),
             cache_position=positions[0],
-            kv_len=read.shape[1],
+            kv_len=S,
             **({"logits_modality": only} if only else {}),
         )
         return out.logits[:, -1]
 
-    def _read_slots(self, seqs, S: int) -> torch.Tensor:
-        """(B, S) slots of each row's tokens, padded with the row's first slot (masked)."""
-        P = self.page_size
-        n_pages = math.ceil(S / P)
-        table = torch.tensor([s.pages[:n_pages] + [s.pages[0]] * (n_pages - len(s.pages[:n_pages])) for s in seqs],
-                             device=self.device)  # fmt: skip
-        slots = (table[:, :, None] * P + torch.arange(P, device=self.device)).flatten(1)  # (B, n_pages * P)
-        return slots[:, :S]
+    def _read_pages(self, seqs, S: int) -> torch.Tensor:
+        """(B, n_pages) the pages holding each row's first S slots, row-padded with its first page."""
+        n = math.ceil(S / self.page_size)
+        return torch.tensor(
+            [s.pages[:n] + [s.pages[0]] * (n - len(s.pages[:n])) for s in seqs], device=self.device
+        )
 
     def _sample(self, req: Request, rows: list[torch.Tensor]):
         """Choose req's next token from its logits rows (cond first, then uncond), emit it, retire req
@@ -396,6 +493,8 @@ class Engine:
             if cfg.guided:
                 guided = guide(logits, rows[1].float(), cfg.guidance_scale)
                 logits = guided if req.only else torch.where(req.spans.in_image[:, None], guided, logits)
+        elif cfg.guided:
+            logits = guide(logits.float(), rows[1].float(), cfg.guidance_scale)
         raw = logits
         offset = 0
         if req.only:

@@ -80,7 +80,12 @@ def stream_requests(model, input_ids, attention_mask=None, compile=False, **kwar
         min(longest + config.max_new_tokens, dec.max_seq_len) / PAGE_SIZE
     )
     engine = Engine(model, max_batch=len(rows), max_queue=len(rows), num_pages=max(need, 1), compile=compile)
-    reqs = [engine.submit(r, config, m, uncond_ids=u) for r, m, u in zip(rows, per_row, uncond_rows)]
+    # Row i samples with seed + i: its own generator (a row's tokens do not depend on the others),
+    # and rows of one prompt repeated still differ, as with transformers' shared generator.
+    configs = [
+        config if config.seed is None else config.updated(seed=config.seed + i) for i in range(len(rows))
+    ]
+    reqs = [engine.submit(*a) for a in zip(rows, configs, per_row, [None] * len(rows), uncond_rows)]
     emitted = [0] * len(reqs)
     try:
         while engine.has_work() or any(emitted[i] < len(r.output) for i, r in enumerate(reqs)):

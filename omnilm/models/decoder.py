@@ -22,7 +22,7 @@ class Block(nn.Module):
         super().__init__()
         self.input_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         self.self_attn = SelfAttention(
-            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias, cfg.qkv_bias
         )
         self.post_attention_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         if cfg.mlp == "swiglu":
@@ -83,10 +83,33 @@ class Decoder(nn.Module):
         else:
             S = kv_len if kv_len is not None else (cache.max_len if cache is not None else T)
             mask = causal_mask(cache_position, S, attention_mask)
+        window_mask = None
+        if self.cfg.layer_types is not None and "sliding_attention" in self.cfg.layer_types:
+            # the query slots: each row's positions unless a (B, S) mask left-pads rows (slots then differ
+            # from positions, and HF's rule is by slot); the engine's rows each start at slot 0
+            q_slots = (
+                position_ids if attention_mask is None or attention_mask.dim() == 4 else cache_position[None]
+            )
+            window_mask = sliding_window_mask(
+                mask, cache_position, q_slots, kv_len or T, self.cfg.sliding_window
+            )
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
+            if window_mask is not None and self.cfg.layer_types[i] == "sliding_attention":
+                x = layer(x, rope, window_mask, False, layer_cache, cache_position, kv_len)
+                continue
             x = layer(x, rope, mask, is_causal, layer_cache, cache_position, kv_len)
         return self.norm(x)
+
+
+def sliding_window_mask(mask, cache_position, q_slots, kv_len: int, window: int):
+    """The layer mask of a "sliding_attention" layer: `mask` (None: plain causal) and only keys whose slot
+    is within `window` of the query's (HF's rule: key_slot > query_slot - window). q_slots (B or 1, T).
+    -> (B or 1, 1, T, S)."""
+    if mask is None:
+        mask = causal_mask(cache_position, kv_len)
+    k_slots = torch.arange(mask.shape[-1], device=cache_position.device)
+    return mask & (k_slots[None, None, :] > q_slots[:, :, None] - window)[:, None]
 
 
 def positions_from_mask(attention_mask, cache_position, batch):

@@ -12,11 +12,14 @@ from torch import nn
 from ...config import AudioConfig
 from ..projector import FrameStackProjector
 from .logmel import LogMel, mel_filter_bank
+from .qwen2_audio import Qwen2AudioEncoder, Qwen2AudioProjector
 from .wav2vec2 import Wav2Vec2Encoder
 from .whisper import WhisperEncoder
 
 __all__ = [
     "LogMel",
+    "Qwen2AudioEncoder",
+    "Qwen2AudioProjector",
     "Wav2Vec2Encoder",
     "WhisperEncoder",
     "build_audio_projector",
@@ -28,8 +31,12 @@ __all__ = [
 def build_audio_tower(cfg: AudioConfig) -> nn.Module:
     if cfg.kind == "whisper":
         return WhisperEncoder(cfg)
+    if cfg.kind == "qwen2_audio":
+        return Qwen2AudioEncoder(cfg)
     return Wav2Vec2Encoder(cfg)  # AudioConfig validated kind
 
 
-def build_audio_projector(cfg: AudioConfig, decoder_hidden: int) -> FrameStackProjector:
+def build_audio_projector(cfg: AudioConfig, decoder_hidden: int) -> nn.Module:
+    if cfg.kind == "qwen2_audio":
+        return Qwen2AudioProjector(cfg.hidden_size, decoder_hidden)
     return FrameStackProjector(cfg.hidden_size, decoder_hidden, stack=cfg.projector_stack)

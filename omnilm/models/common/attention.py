@@ -81,12 +81,21 @@ def causal_mask(q_slots: torch.Tensor, kv_len: int, key_valid: torch.Tensor | No
 class SelfAttention(nn.Module):
     """Decoder attention with q/k/v/o projections (Llama names), RoPE and an optional static KV cache."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        bias: bool = False,
+        qkv_bias: bool = False,
+    ):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        qkv_bias = bias or qkv_bias  # Qwen2: q/k/v with bias, o_proj without
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
 
     def forward(self, x, rope=None, mask=None, is_causal=False, cache=None, cache_position=None, kv_len=None):

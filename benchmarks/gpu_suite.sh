@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every benchmark's CUDA mode, one after another, each table written to benchmarks/gpu_results/.
+# Sized to finish within 8 minutes on one H100/H200 (15 minutes of device time a task, all tries).
+# Run on the device machine from the repository root, with a CUDA build of torch in .venv:
+#   make setup TORCH_SPEC="torch==2.11.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+#   bash benchmarks/gpu_suite.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-benchmarks/gpu_results}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.txt" 2>&1
+
+run() {  # name, time limit in seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$OUT/$name.md" 2>&1
+    echo "   exit $? -> $OUT/$name.md"
+}
+
+run generate 120 $PY benchmarks/bench_generate.py --preset llama-3.2-1b --repeats 2
+run batching 90 $PY benchmarks/bench_batching.py --device cuda --dtype bfloat16 --requests 256 --max-batch 128
+run vision 45 $PY benchmarks/bench_vision.py
+run audio 45 $PY benchmarks/bench_audio.py
+run image_gen 60 $PY benchmarks/bench_image_gen.py --device cuda --repeats 2
+run train 60 $PY benchmarks/bench_train.py
