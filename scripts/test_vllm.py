@@ -94,6 +94,19 @@ def build_llama(out: Path, dtype: str):
     return [{"text": t, "image": None} for t in PROMPTS]
 
 
+def build_qwen2(out: Path, dtype: str):
+    """A Qwen2 decoder (q/k/v bias, untied head) from `omnilm.build` + save_pretrained."""
+    import omnilm
+    from omnilm.config import ModelConfig
+
+    model = _heat(
+        omnilm.build(ModelConfig(decoder=_decoder(qkv_bias=True, tie_embeddings=False, rope_scaling=None)))
+    )
+    assert model.hf_format == "qwen2"
+    model.to(getattr(torch, dtype)).save_pretrained(out)
+    return [{"text": t, "image": None} for t in PROMPTS]
+
+
 def build_llava(out: Path, dtype: str):
     """`omnilm compose` of a Llama and a SigLIP tower (the production path), heated, then save_pretrained."""
     import numpy as np
@@ -142,7 +155,7 @@ FAMILIES = [
     Row("llama", "bfloat16", build_llama),
     Row("llava", "float32", build_llava),
     # rows other branches fill in (each needs a builder like build_llama that writes its export):
-    Row("qwen2", "float32", not_on_this_branch("no qwen2 exporter on this branch (issue 15)")),
+    Row("qwen2", "float32", build_qwen2),
     Row(
         "mllama",
         "float32",

@@ -129,6 +129,25 @@ def test_convert_round_trip_carries_the_tokenizer_in_bf16(llama_dir, tmp_path):
     assert hf.dtype == torch.bfloat16
 
 
+def test_qwen2_export_loads_in_transformers_with_equal_logits(tmp_path):
+    model = perturb(
+        omnilm.build(
+            ModelConfig(decoder=served_decoder(qkv_bias=True, tie_embeddings=False, rope_scaling=None))
+        )
+    )
+    model.save_pretrained(tmp_path / "qwen2")
+    out = tmp_path / "qwen2"
+    assert {p.name for p in out.iterdir()} == LLAMA_FILES
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["dtype"] == "float32"
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    ids = ids_of("Qwen2 keeps a bias on q, k and v.")
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+
+
 def test_tiny_build_writes_bundled_tokenizer_and_unknown_vocab_writes_none(tmp_path):
     omnilm.build("tiny").save_pretrained(tmp_path / "tiny")
     assert (tmp_path / "tiny" / "tokenizer.json").read_bytes() == (ASSET_DIR / "tokenizer.json").read_bytes()
