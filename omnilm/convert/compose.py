@@ -172,5 +172,5 @@ def _keep_chat_template(src: Path, dst: Path) -> None:
     template = (_read_json(src) or {}).get("chat_template")
     if template is not None and dst.is_file():
         config = json.loads(dst.read_text())
-        config.setdefault("chat_template", template)
+        config["chat_template"] = template  # over the default template the processor's tokenizer wrote
         dst.write_text(json.dumps(config, indent=2) + "\n")

@@ -74,9 +74,10 @@ def write_tokenizer(src: Path, out: Path) -> TextTokenizer:
     cfg_file = out / "tokenizer_config.json"
     base = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
     cfg = tokenizer_config(tok, base)
-    if (out / "chat_template.jinja").is_file():  # transformers 5 keeps the template beside the config
-        cfg.pop("chat_template", None)
-    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+    if (out / "chat_template.jinja").is_file() and not (base or {}).get("chat_template"):
+        cfg.pop("chat_template", None)  # transformers 5 keeps the template beside the config
+    if cfg != base:  # a complete config stays byte for byte as it came
+        cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
     return tok
 
 
