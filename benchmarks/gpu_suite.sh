@@ -25,3 +25,4 @@ run vision 45 $PY benchmarks/bench_vision.py
 run audio 45 $PY benchmarks/bench_audio.py
 run image_gen 60 $PY benchmarks/bench_image_gen.py --device cuda --repeats 2
 run train 60 $PY benchmarks/bench_train.py
+run mllama 150 $PY benchmarks/bench_mllama.py --device cuda --new 64 --repeats 2

@@ -54,12 +54,12 @@ def build(preset="tiny", device=None, dtype=None, seed: int | None = 0):
     import torch
 
     from .config import ModelConfig, get_preset
-    from .models.omni import OmniModel
+    from .models.builder import model_class
 
     cfg = preset if isinstance(preset, ModelConfig) else get_preset(preset)
     if seed is not None:
         torch.manual_seed(seed)
-    model = OmniModel(cfg).init_weights()
+    model = model_class(cfg)(cfg).init_weights()
     return model.to(device=device, dtype=_dtype(dtype)).eval()
 
 
@@ -111,8 +111,13 @@ def load_processor(path, tokenizer=None):
     """The processor of a model directory: text tokenizer plus image/audio preprocessing. A directory
     without a tokenizer is an error unless `tokenizer` (a directory, hub id or TextTokenizer) is given."""
     from .processing.loading import load_processor as _load_processor
+    from .processing.mllama import MllamaProcessor, is_mllama_dir
 
     path = resolve(path)
+    if is_mllama_dir(path):  # Llama-3.2-Vision, or a model composed with cross-attention
+        return MllamaProcessor.from_pretrained(
+            path, resolve(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        )
     model_type = _model_type(path)
     if model_type in ("qwen2_audio", "emu3"):
         from .processing.loading import require_own_tokenizer

@@ -96,14 +96,28 @@ def _write_media(out, args):
 def cmd_compose(args):
     from .convert.compose import compose
 
-    compose(
-        args.text,
-        vision=args.vision,
-        audio=args.audio,
-        out=args.out,
-        tokenizer=args.tokenizer,
-        overwrite=args.overwrite,
-    )
+    if args.fusion == "cross-attention":
+        from .convert.mllama import compose_cross_attention
+
+        if args.vision is None or args.audio is not None:
+            raise OmniLMError("--fusion cross-attention takes --text and --vision (no --audio)")
+        compose_cross_attention(
+            args.text,
+            args.vision,
+            every=args.every,
+            out=args.out,
+            tokenizer=args.tokenizer,
+            overwrite=args.overwrite,
+        )
+    else:
+        compose(
+            args.text,
+            vision=args.vision,
+            audio=args.audio,
+            out=args.out,
+            tokenizer=args.tokenizer,
+            overwrite=args.overwrite,
+        )
     print(f"wrote {args.out}")
 
 
@@ -386,6 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty)")
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: --text's)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument(
+        "--fusion",
+        choices=("placeholder", "cross-attention"),
+        default="placeholder",
+        help="placeholder tokens (LLaVA) or gated cross-attention layers (Llama-3.2-Vision)",
+    )
+    p.add_argument(
+        "--every",
+        type=_positive_int,
+        default=4,
+        help="cross-attention: one new layer after every N text layers",
+    )
     p.set_defaults(func=cmd_compose)
 
     p = sub.add_parser(

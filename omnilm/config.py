@@ -458,6 +458,115 @@ class AudioCodecConfig:
         return hop
 
 
+# [cross-attention configs]
+
+
+def all_aspect_ratios(max_num_tiles: int) -> list[list[int]]:
+    """Tile grids (rows, cols) with at most max_num_tiles tiles, in transformers' order (aspect ratio id - 1)."""
+    return [
+        [a, b]
+        for a in range(1, max_num_tiles + 1)
+        for b in range(1, max_num_tiles + 1)
+        if a * b <= max_num_tiles
+    ]
+
+
+@register_config
+@dataclass
+class MllamaVisionConfig:
+    """The tiled vision encoder of Llama-3.2-Vision (omnilm/models/mllama_vision.py); names follow
+    transformers' MllamaVisionConfig. An image is resized onto a canvas of up to max_num_tiles square
+    tiles of image_size pixels; each tile gives num_patches tokens (a class token plus the patch grid)."""
+
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_layers: int = 32
+    num_global_layers: int = 8
+    num_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 448
+    patch_size: int = 14
+    norm_eps: float = 1e-5
+    hidden_act: str = "gelu"
+    max_num_tiles: int = 4
+    intermediate_layers_indices: list[int] = field(default_factory=lambda: [3, 7, 15, 23, 30])
+    supported_aspect_ratios: list[list[int]] | None = None  # None: every grid of <= max_num_tiles tiles
+
+    def __post_init__(self):
+        if self.supported_aspect_ratios is None:
+            self.supported_aspect_ratios = all_aspect_ratios(self.max_num_tiles)
+        self.supported_aspect_ratios = [list(r) for r in self.supported_aspect_ratios]
+        if self.hidden_act != "gelu":
+            raise ConfigError(f"mllama vision hidden_act must be 'gelu', got {self.hidden_act!r}")
+        if min(self.hidden_size, self.num_layers, self.num_heads, self.max_num_tiles, self.patch_size) <= 0:
+            raise ConfigError("mllama vision sizes must be positive")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"mllama vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"mllama vision image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.num_patches % 8 == 0:
+            # transformers pads each tile to a multiple of 8 tokens and masks the padding with a slice
+            # `[-pad:]` that masks everything when pad == 0; real checkpoints have 1025 tokens a tile
+            raise ConfigError(
+                f"mllama vision tiles of {self.num_patches} tokens (a multiple of 8) are not supported"
+            )
+        for i in self.intermediate_layers_indices:
+            if not 0 <= i < self.num_layers:
+                raise ConfigError(
+                    f"mllama vision intermediate layer {i} is out of range for {self.num_layers} layers"
+                )
+        for r in self.supported_aspect_ratios:
+            if len(r) != 2 or min(r) < 1 or r[0] * r[1] > self.max_num_tiles:
+                raise ConfigError(
+                    f"mllama vision aspect ratio {r} is not a grid of at most {self.max_num_tiles} tiles"
+                )
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per tile: the patch grid plus the class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def output_dim(self) -> int:
+        """Feature width out of the tower: the last layer and each intermediate layer, concatenated."""
+        return self.hidden_size * (1 + len(self.intermediate_layers_indices))
+
+    @property
+    def max_aspect_ratio_id(self) -> int:
+        return len(self.supported_aspect_ratios)
+
+
+@register_config
+@dataclass
+class CrossAttentionConfig:
+    """Gated cross-attention fusion (omnilm/models/mllama.py, Llama-3.2-Vision style): the decoder
+    layers at `layers` (indices into decoder.num_layers, which counts them) attend to projected
+    vision features instead of to the text; each has tanh gates on its attention and MLP branches."""
+
+    layers: list[int] = field(default_factory=list)
+    vision: typing.Any = None  # MllamaVisionConfig, or a VisionConfig (one tile per image; `omnilm compose`)
+    image_token_id: int | None = None  # <|image|>: an ordinary embedded token that marks where an image is
+    extra_embeddings: int = 0  # rows of embed_tokens past vocab_size (Mllama: 8 special tokens)
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):  # untagged: the Mllama tower
+            self.vision = from_dict(MllamaVisionConfig, self.vision)
+        if not self.layers:
+            raise ConfigError("cross_attention.layers must name at least one decoder layer")
+        if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+            raise ConfigError(f"cross_attention.layers must be distinct indices >= 0, got {self.layers}")
+        if not isinstance(self.vision, (MllamaVisionConfig, VisionConfig)):
+            raise ConfigError(
+                "cross_attention.vision must be an MllamaVisionConfig (tiled) or a VisionConfig (SigLIP/CLIP)"
+            )
+        if self.extra_embeddings < 0:
+            raise ConfigError("cross_attention.extra_embeddings must be >= 0")
+
+
 # [training configs]
 
 
@@ -473,6 +582,7 @@ class ModelConfig:
     vision: typing.Any = None
     audio: typing.Any = None
     discrete: typing.Any = None
+    cross_attention: typing.Any = None  # CrossAttentionConfig: gated cross-attention fusion (Mllama)
     image_token_id: int | None = None  # placeholder id the processor expands for each image
     audio_token_id: int | None = None
     source: str = ""  # where the preset's numbers come from
@@ -481,6 +591,8 @@ class ModelConfig:
     def hf_format(self) -> str:
         """How save_pretrained writes this model, a function of the config alone: "llama" (a plain
         decoder), "llava" (plus a LLaVA-shaped vision tower), else "omnilm" (OmniLM's own format)."""
+        if self.cross_attention is not None:  # Llama-3.2-Vision's layout, if its tower is the tiled one
+            return "mllama" if isinstance(self.cross_attention.vision, MllamaVisionConfig) else "omnilm"
         if self.audio is None and self.discrete is None:
             if self.vision is None:
                 return "qwen2" if self.decoder.qkv_bias else "llama"
@@ -623,6 +735,18 @@ def _qwen25(hidden, layers, heads, kv, ffn, tie, vocab, max_pos, source):
     )
 
 
+def _llama_vision(source):
+    cfg = _llama(4096, 40, 32, 8, 14336, 128, LLAMA3_ROPE_8B, False, source)
+    cfg.decoder.eos_token_id, cfg.decoder.pad_token_id = 128001, 128004
+    cfg.cross_attention = CrossAttentionConfig(
+        layers=[3, 8, 13, 18, 23, 28, 33, 38],
+        vision=MllamaVisionConfig(image_size=560, patch_size=14, max_num_tiles=4),
+        image_token_id=128256,
+        extra_embeddings=8,
+    )
+    return cfg
+
+
 PRESETS = {
     "tiny": _tiny,
     # meta-llama/Llama-3.2-1B config.json (https://huggingface.co/meta-llama/Llama-3.2-1B); seed 004
@@ -705,6 +829,11 @@ PRESETS = {
         152064,
         131072,
         "https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json",
+    ),
+    # meta-llama/Llama-3.2-11B-Vision config.json: a Llama-3.1-8B-shaped text model with 8 gated
+    # cross-attention layers among its 40, 560-px tiles (up to 4) through a 32 + 8 layer vision encoder
+    "llama-3.2-11b-vision": lambda: _llama_vision(
+        "https://huggingface.co/meta-llama/Llama-3.2-11B-Vision/blob/main/config.json"
     ),
     # The unified discrete-token transformer (seeds/002): hidden 4096, 36 layers, 32 heads, FFN 16384,
     # pre-LayerNorm, GELU FFN, RoPE, text vocab 50257 (+ image 16384 and audio 1024 codes, added by the

@@ -157,6 +157,7 @@ class Pipeline:
         else:
             batch = proc(messages=prompt, images=images or None, audio=audio or None)
         keys = ("pixel_values", "input_features", "feature_attention_mask", "image_sizes")  # + family inputs
+        keys += ("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")  # mllama
         media = {k: batch[k] for k in keys if batch.get(k) is not None}
         return Prompt(batch["input_ids"][0].tolist(), media)
 

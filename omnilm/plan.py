@@ -26,12 +26,12 @@ ADAMW_BYTES = {"weights": 4, "grads": 4, "adam_moments": 8}
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Exact parameter counts by group, from a model built on the meta device."""
     from .convert.hf import init_empty_weights
-    from .models.omni import OmniModel
+    from .models.builder import model_class
 
     # parameters on the meta device, buffers real and init skipped: meta-device kernels import
     # torch._dynamo (seconds of start-up)
     with init_empty_weights():
-        model = OmniModel(cfg)
+        model = model_class(cfg)(cfg)
     groups = {
         "embeddings": 0,
         "attention": 0,
@@ -56,12 +56,12 @@ def _group(name: str) -> str:
     if name.startswith("discrete."):  # image/audio tables and heads, modality embedding
         return "discrete"
     if not name.startswith("language_model."):
-        return "encoders" if any(t in name for t in ("tower", "projector")) else "other"
+        return "encoders" if any(t in name for t in ("tower", "projector", "vision_model")) else "other"
     if "embed_tokens" in name:
         return "embeddings"
     if "lm_head" in name:
         return "head"
-    if ".self_attn." in name:
+    if ".self_attn." in name or ".cross_attn" in name:  # cross_attn.*, cross_attn_*_gate
         return "attention"
     if ".mlp." in name:
         return "mlp"
@@ -78,7 +78,9 @@ def plan(
     params = count_params(cfg)
     n = params["total"]
     n_matmul = n - (params["embeddings"] if not d.tie_embeddings else 0)
-    kv_per_token = 2 * d.num_layers * d.num_kv_heads * d.head_dim * 2  # K and V, bf16
+    # cross-attention layers (Mllama) cache the image tokens once, not a K/V per text token
+    kv_layers = d.num_layers - len(cfg.cross_attention.layers if cfg.cross_attention else ())
+    kv_per_token = 2 * kv_layers * d.num_kv_heads * d.head_dim * 2  # K and V, bf16
     attn_flops_per_token = 12 * d.num_layers * d.num_heads * d.head_dim * seq_len
     train_flops = 6 * n_matmul * tokens + attn_flops_per_token * tokens
     gpu_seconds = train_flops / (H100_BF16_DENSE_FLOPS * mfu)

@@ -16,25 +16,8 @@ from .vision import load_llava, save_llava
 
 
 def load(path, device=None, dtype=None):
-    path = checkpoint_dir(path)
-    if (path / OMNILM_CONFIG).is_file():
-        return remember_source(load_omnilm(path, device, dtype), path)
-    hf = read_config(path)
-    model_type = hf.get("model_type")
-    if model_type == "llama":
-        return remember_source(load_llama(path, hf, device, dtype), path)
-    if model_type == "llava":
-        return remember_source(load_llava(path, hf, device, dtype), path)
-    if model_type == "qwen2":
-        return remember_source(load_qwen2(path, hf, device, dtype), path)
-    if model_type == "qwen2_audio":
-        return remember_source(load_qwen2_audio(path, hf, device, dtype), path)
-    if model_type == "emu3":
-        return remember_source(load_emu3(path, hf, device, dtype), path)
-    raise CheckpointError(
-        f"{path}/config.json: model_type {model_type!r} is not supported by omnilm.load "
-        "(expected 'llama', 'llava' or an OmniLM checkpoint)"
-    )
+    # save_pretrained copies the tokenizer and processor files from where the model came (convert/export.py)
+    return remember_source(_load(path, device, dtype), checkpoint_dir(path))
 
 
 def save_pretrained(model, path):
@@ -43,7 +26,33 @@ def save_pretrained(model, path):
     write_export_files(model, path, hf_format=model.hf_format in HF_FORMATS)
 
 
-HF_FORMATS = ("llama", "llava", "qwen2", "qwen2_audio", "emu3")
+HF_FORMATS = ("llama", "llava", "qwen2", "qwen2_audio", "emu3", "mllama")
+
+
+def _load(path, device=None, dtype=None):
+    path = checkpoint_dir(path)
+    if (path / OMNILM_CONFIG).is_file():
+        return load_omnilm(path, device, dtype)
+    hf = read_config(path)
+    model_type = hf.get("model_type")
+    if model_type == "llama":
+        return load_llama(path, hf, device, dtype)
+    if model_type == "llava":
+        return load_llava(path, hf, device, dtype)
+    if model_type == "qwen2":
+        return load_qwen2(path, hf, device, dtype)
+    if model_type == "qwen2_audio":
+        return load_qwen2_audio(path, hf, device, dtype)
+    if model_type == "emu3":
+        return load_emu3(path, hf, device, dtype)
+    if model_type == "mllama":
+        from .mllama import load_mllama
+
+        return load_mllama(path, hf, device, dtype)
+    raise CheckpointError(
+        f"{path}/config.json: model_type {model_type!r} is not supported by omnilm.load "
+        "(expected 'llama', 'llava' or an OmniLM checkpoint)"
+    )
 
 
 def _save(model, path):
@@ -58,4 +67,8 @@ def _save(model, path):
         return save_qwen2_audio(model, path)
     if fmt == "emu3":
         return save_emu3(model, path)
+    if fmt == "mllama":
+        from .mllama import save_mllama
+
+        return save_mllama(model, path)
     return save_omnilm(model, path)

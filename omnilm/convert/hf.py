@@ -343,12 +343,12 @@ def save_omnilm(model, path):
 
 
 def load_omnilm(path, device=None, dtype=None):
-    from ..models.omni import OmniModel
+    from ..models.builder import model_class
 
     path = checkpoint_dir(path)
     cfg = ModelConfig.from_dict(json.loads((path / OMNILM_CONFIG).read_text()))
     with init_empty_weights():
-        model = OmniModel(cfg)
+        model = model_class(cfg)(cfg)
     state = read_state_dict(path)
     if cfg.decoder.tie_embeddings and "language_model.model.embed_tokens.weight" in state:
         state.setdefault("language_model.lm_head.weight", state["language_model.model.embed_tokens.weight"])

@@ -176,6 +176,9 @@ class Engine:
         disc = self.model.config.discrete
         if disc is not None:
             vocab = disc.vocab_size
+        ca = self.model.config.cross_attention
+        if ca is not None:  # Mllama: <|image|> and friends are embedding rows past the head's vocabulary
+            vocab += ca.extra_embeddings
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise OmniLMError(
                 f"prompt token ids must be in [0, {vocab}); got {min(prompt_ids)}..{max(prompt_ids)}"

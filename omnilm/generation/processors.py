@@ -137,7 +137,8 @@ class Penalties:
         self.repetition = repetition if repetition not in (None, 1.0) else None
         self.presence, self.frequency = presence or 0.0, frequency or 0.0
         self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)  # (1, V) prompt + output
-        self.seen[0, torch.as_tensor(prompt_ids, dtype=torch.long, device=device)] = True
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+        self.seen[0, ids[ids < vocab_size]] = True  # ids past the head (Mllama's <|image|>) have no logit
         self.counts = torch.zeros(1, vocab_size, device=device)  # (1, V) generated ids only, as OpenAI counts
 
     @property

@@ -140,7 +140,7 @@ def weights_finite(state: dict) -> bool:
 def _save_weights(model, tmp: Path):
     """The full weights (gathered to rank 0 under FSDP) through the model's own save_pretrained."""
     from ..convert.hf import init_empty_weights, load_strict, retie
-    from ..models.omni import OmniModel
+    from ..models.builder import model_class
     from .lora import is_lora_key, save_adapter
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -148,7 +148,7 @@ def _save_weights(model, tmp: Path):
         return
     base = {k: v for k, v in full.items() if not is_lora_key(k)}
     with init_empty_weights():
-        copy = OmniModel(model.config)
+        copy = model_class(model.config)(model.config)
     load_strict(copy, {k: v.float() for k, v in base.items()}, source="training state")
     retie(copy)
     copy.export_source = getattr(model, "export_source", None)  # so model/ gets the tokenizer too

@@ -131,7 +131,8 @@ def is_lora_key(key: str) -> bool:
 
 def _peft_prefixes(hf_format: str) -> list[tuple[str, str]]:
     """(OmniLM prefix, PEFT prefix) pairs: PEFT wraps the transformers model as `base_model.model`."""
-    if hf_format == "llava":  # transformers 5: LlavaForConditionalGeneration.model.language_model
+    # transformers 5: LlavaForConditionalGeneration.model.language_model (Mllama alike)
+    if hf_format in ("llava", "mllama"):
         return [
             ("language_model.model.", "base_model.model.model.language_model."),
             ("language_model.lm_head.", "base_model.model.lm_head."),
@@ -168,6 +169,10 @@ def save_adapter(
     # PEFT matches a list of names against every module; LLaVA's vision tower has q_proj too, so
     # there the targets are a regex limited to the language model.
     targets = leaves if hf_format != "llava" else rf".*language_model.*\.({'|'.join(leaves)})"
+    # Mllama: exactly the wrapped modules (both towers and self/cross layers share leaf names)
+    if hf_format == "mllama":
+        pairs = _peft_prefixes(hf_format)
+        targets = sorted(_rename(n + ".", pairs)[len("base_model.model.") : -1] for n in mods)
     cfg = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -1,0 +1,435 @@
+"""Llama-3.2-Vision (Mllama): a Llama decoder with gated cross-attention layers at configured
+indices, fed by the tiled vision encoder through a linear projector.
+
+Layout and names follow transformers' MllamaForConditionalGeneration in its Hub layout
+(`language_model.model.layers.N`, `language_model.lm_head`, `vision_model.*`,
+`multi_modal_projector.*`), so conversion is the identity. Layer N is a self-attention `Block`
+(omnilm/models/decoder.py) unless N is in `cross_attention.layers`, where it is a
+`CrossAttentionBlock`; only the self-attention layers have a KV cache. The image keys/values are
+computed once at prefill and kept in the cache object (`MllamaCache.cross`), so decode steps, which
+see only the text model, reuse them.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from ..config import CrossAttentionConfig, DecoderConfig, MllamaVisionConfig, ModelConfig
+from ..errors import ConfigError
+from .common.attention import causal_mask
+from .common.kv_cache import StaticCache
+from .common.norms import make_norm
+from .common.rope import rope_cos_sin, rope_inv_freq
+from .cross_attention import (
+    CrossAttentionBlock,
+    CrossAttentionState,
+    batch_states,
+    cross_attention_masks,
+    state_rows,
+)
+from .decoder import Block, CausalLMOutput, positions_from_mask
+from .loss import next_token_loss
+from .mllama_vision import MllamaVisionModel
+from .omni import OmniModel
+from .vision import build_vision_tower
+
+
+class MllamaCache(StaticCache):
+    """KV caches of the self-attention layers plus the requests' cross-attention state."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cross: CrossAttentionState | None = None
+
+    def reset(self):
+        super().reset()
+        self.cross = None
+
+
+class MllamaTextModel(nn.Module):
+    """Embeddings, self- and cross-attention layers, final norm -> hidden states (B, T, D)."""
+
+    def __init__(self, cfg: DecoderConfig, ca: CrossAttentionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.cross_layers = sorted(ca.layers)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size + ca.extra_embeddings, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            CrossAttentionBlock(cfg) if i in ca.layers else Block(cfg) for i in range(cfg.num_layers)
+        )
+        self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        # layer index -> its slot in the KV cache (self-attention layers only)
+        self.cache_slot = {i: n for n, i in enumerate(i for i in range(cfg.num_layers) if i not in ca.layers)}
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
+        )
+
+    def forward(
+        self,
+        input_ids=None,
+        inputs_embeds=None,
+        attention_mask=None,
+        position_ids=None,
+        cache: MllamaCache | None = None,
+        cache_position=None,
+        kv_len: int | None = None,
+        cross: CrossAttentionState | None = None,
+    ):
+        """As Decoder.forward; `cross` is the prompt's cross-attention state (prefill), else the
+        cache's is used (decode). With neither, the cross-attention layers are skipped, as in
+        transformers (a text-only prompt runs the text model alone)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        B, T, _ = x.shape
+        if cache_position is None:
+            cache_position = torch.arange(T, device=x.device)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, cache_position, B)
+        rope = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        if cross is None and cache is not None:
+            cross = getattr(cache, "cross", None)  # MllamaCache; the engine passes states explicitly
+        is_causal = False
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask.bool()
+        elif attention_mask is None and (cache is None or kv_len == T):
+            mask, is_causal = None, True
+        elif attention_mask is None and T == 1 and kv_len is not None:
+            mask = None
+        else:
+            S = kv_len if kv_len is not None else (cache.max_len if cache is not None else T)
+            mask = causal_mask(cache_position, S, attention_mask)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, CrossAttentionBlock):
+                if cross is not None:
+                    k, v = cross.kv[i]
+                    x = layer(x, k, v, cross)
+                continue
+            layer_cache = cache.layers[self.cache_slot[i]] if cache is not None else None
+            x = layer(x, rope, mask, is_causal, layer_cache, cache_position, kv_len)
+        return self.norm(x)
+
+
+class MllamaTextLM(nn.Module):
+    """Text model plus head; the `language_model` of the composite, called like CausalLM."""
+
+    def __init__(self, cfg: DecoderConfig, ca: CrossAttentionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = MllamaTextModel(cfg, ca)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            if ca.extra_embeddings:
+                raise ConfigError("tied embeddings need cross_attention.extra_embeddings == 0")
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids=None,
+        inputs_embeds=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        cache_position=None,
+        kv_len=None,
+        logits_slice: slice | None = None,
+        cross: CrossAttentionState | None = None,
+    ):
+        h = self.model(
+            input_ids, inputs_embeds, attention_mask, position_ids, cache, cache_position, kv_len, cross
+        )
+        if logits_slice is not None:
+            h = h[:, logits_slice]
+        return self.lm_head(h)
+
+    def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> MllamaCache:
+        p = self.lm_head.weight
+        return MllamaCache(
+            len(self.model.cache_slot),
+            batch,
+            self.cfg.num_kv_heads,
+            max_len,
+            self.cfg.head_dim,
+            dtype or p.dtype,
+            device or p.device,
+        )
+
+
+class MllamaModel(OmniModel):
+    """The composite: `language_model` (MllamaTextLM), `vision_model`, `multi_modal_projector`.
+
+    forward takes transformers' inputs: pixel_values (B, N_images, tiles, 3, H, W), aspect_ratio_ids
+    (B, N_images), aspect_ratio_mask (B, N_images, tiles), cross_attention_mask (B, T, N_images, tiles).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        ca = cfg.cross_attention
+        if not isinstance(ca, CrossAttentionConfig):
+            raise ConfigError("MllamaModel needs config.cross_attention (a CrossAttentionConfig)")
+        if cfg.vision is not None or cfg.discrete is not None:
+            raise ConfigError(
+                "cross-attention fusion with placeholder vision or discrete modalities in one model "
+                "is not supported yet"
+            )
+        if max(ca.layers) >= cfg.decoder.num_layers:
+            raise ConfigError(
+                f"cross_attention.layers {ca.layers} out of range for {cfg.decoder.num_layers} decoder layers"
+            )
+        super().__init__(cfg)
+        self.language_model = MllamaTextLM(cfg.decoder, ca)
+        if isinstance(ca.vision, MllamaVisionConfig):
+            self.vision_model = MllamaVisionModel(ca.vision)
+            width = ca.vision.output_dim
+        else:  # a SigLIP/CLIP tower (`omnilm compose --fusion cross-attention`): one tile per image
+            self.vision_model = build_vision_tower(ca.vision)
+            width = ca.vision.feature_dim
+        self.multi_modal_projector = nn.Linear(width, cfg.decoder.hidden_size, bias=True)
+        # Per-request image state for the engine's paged cache (see _engine_state): states made by
+        # embed() wait under their embeddings' storage, then live under the request's first KV slot.
+        self._embedded: dict[int, tuple[CrossAttentionState | None, int]] = {}
+        self._requests: dict[tuple[int, int], dict] = {}  # (engine, first slot) -> state, prompt length
+        self._decode_batch: dict[int, tuple] = {}  # engine -> its decode rows and their batched state
+        self._engines: set[int] = set()
+
+    # ---- fusion -----------------------------------------------------------------------------------
+
+    def embed(
+        self,
+        input_ids,
+        pixel_values=None,
+        input_features=None,
+        aspect_ratio_ids=None,
+        aspect_ratio_mask=None,
+        cross_attention_mask=None,
+    ):
+        """Token embeddings (B, T, D): <|image|> is an ordinary token here. The images go through the
+        vision encoder now, once per request, into the cross-attention state the engine's prefill and
+        decode forwards then use (they pass embeddings and cache slots, not media)."""
+        if input_features is not None:
+            raise ConfigError("this model has no audio encoder, but audio inputs were given")
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        state = None
+        if pixel_values is not None:
+            if pixel_values.shape[0] != input_ids.shape[0]:
+                # e.g. the engine prefilling prompts of which only some have images together: it
+                # then redoes them one at a time
+                raise ConfigError(
+                    f"pixel_values: {pixel_values.shape[0]} rows for {input_ids.shape[0]} prompts; "
+                    "expected (B, N_images, ...), one row per prompt"
+                )
+            state = self.cross_attention_state(
+                pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
+            )
+            _check_mask_rows(state, input_ids.shape[1])
+            self._embedded[embeds.untyped_storage().data_ptr()] = (state, input_ids.shape[1])
+            while len(self._embedded) > 64:  # embed() called outside the engine: drop the oldest
+                self._embedded.pop(next(iter(self._embedded)))
+        return embeds
+
+    def cross_attention_state(
+        self, pixel_values, aspect_ratio_ids, aspect_ratio_mask=None, cross_attention_mask=None
+    ) -> CrossAttentionState:
+        """Vision encoder, projector and every cross-attention layer's k/v: once per request."""
+        vision = self.config.cross_attention.vision
+        if isinstance(vision, MllamaVisionConfig):
+            check_image_inputs(
+                vision, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
+            )
+            B, N, tiles = pixel_values.shape[:3]
+            if aspect_ratio_mask is None:
+                aspect_ratio_mask = torch.ones(B, N, tiles, dtype=torch.long, device=pixel_values.device)
+            feats = self.vision_model(
+                pixel_values, aspect_ratio_ids, aspect_ratio_mask
+            )  # (B, N, tiles, P, F)
+            tokens_per_tile, valid = vision.num_patches, aspect_ratio_ids > 0
+        else:  # pixel_values (B, N, [1,] C, H, W): one tile per image
+            if pixel_values.dim() == 6 and pixel_values.shape[2] == 1:
+                pixel_values = pixel_values[:, :, 0]
+            if pixel_values.dim() != 5:
+                raise ConfigError(
+                    f"pixel_values: expected (B, N_images, C, H, W), got shape {tuple(pixel_values.shape)}"
+                )
+            B = pixel_values.shape[0]
+            feats = self.vision_model(pixel_values.flatten(0, 1).to(self.dtype))  # (B * N, n, F)
+            tokens_per_tile = feats.shape[1]
+            valid = aspect_ratio_ids > 0 if aspect_ratio_ids is not None else None
+        states = self.multi_modal_projector(feats).reshape(
+            B, -1, self.config.decoder.hidden_size
+        )  # (B, S, D)
+        layers = self.language_model.model.layers
+        kv = {i: layers[i].cross_attn.kv(states) for i in self.language_model.model.cross_layers}
+        mask, attn_scale, mlp_scale = cross_attention_masks(cross_attention_mask, tokens_per_tile, valid)
+        return CrossAttentionState(kv, mask, attn_scale, mlp_scale)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        input_features=None,
+        inputs_embeds=None,
+        position_ids=None,
+        labels=None,
+        cache=None,
+        cache_position=None,
+        kv_len=None,
+        logits_slice=None,
+        aspect_ratio_ids=None,
+        aspect_ratio_mask=None,
+        cross_attention_mask=None,
+        cross_attention_state: CrossAttentionState | None = None,
+    ):
+        self._check_inputs(input_ids, attention_mask, None, input_features, inputs_embeds, cache)
+        if input_features is not None:
+            raise ConfigError("this model has no audio encoder, but audio inputs were given")
+        state = cross_attention_state
+        if pixel_values is not None:
+            state = self.cross_attention_state(
+                pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
+            )
+            T = inputs_embeds.shape[1] if inputs_embeds is not None else input_ids.shape[1]
+            _check_mask_rows(state, T)
+        if isinstance(cache, MllamaCache):
+            if state is not None or cache_position is None or int(cache_position[0]) == 0:
+                # a prefill: decode steps see the prompt's last row of the mask rules
+                cache.cross = None if state is None else state.last_row()
+        elif cache is not None and state is None:
+            state = self._engine_state(cache, inputs_embeds, cache_position)
+        logits = self.language_model(
+            input_ids if inputs_embeds is None else None,
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            cache,
+            cache_position,
+            kv_len,
+            logits_slice,
+            state,
+        )
+        loss = next_token_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def _engine_state(self, cache, inputs_embeds, cache_position) -> CrossAttentionState | None:
+        """The cross-attention state of the rows of an engine forward (omnilm/generation/engine.py).
+
+        The engine's paged cache view names each row's KV pages; a request's first page is its
+        identity while it runs (pages shared by prefix caching belong to text-only requests, whose
+        state is None). A prefill (embeddings from embed(): whole prompts of one length, or
+        one prompt's chunk) claims at its first token the state embed() made, one row per request,
+        and reads its rows of the mask; a decode step (one token per row) batches the states of its
+        rows, reused while the running set stays the same. States of requests that left the decode
+        batch are dropped.
+        TODO(engine hook): a per-request state the engine keeps (model.request_state(media) at
+        admission, handed back per row at prefill/decode) would replace this bookkeeping.
+        """
+        view = cache.layers[0]
+        engine = view.k.data_ptr()  # the engine's KV store: slots of different engines differ
+        if engine not in self._engines:  # when the engine's KV store is freed, so are its states
+            self._engines.add(engine)
+            weakref.finalize(view.k, self._forget_engine, engine)
+        # the first KV page (or slot) each row reads: the request's identity while it runs
+        table = view.read_pages if hasattr(view, "read_pages") else view.read_slots
+        keys = [(engine, first) for first in table[:, 0].tolist()]
+        if inputs_embeds is not None:  # a prefill: whole prompts of one length, or a chunk of one
+            start, end = int(cache_position[0]), int(cache_position[-1]) + 1
+            if start == 0:
+                ptr = inputs_embeds.untyped_storage().data_ptr()
+                state, T = self._embedded.pop(ptr, (None, inputs_embeds.shape[1]))
+                for b, key in enumerate(keys):
+                    row = None if state is None else state.rows(slice(b, b + 1))
+                    self._requests[key] = dict(state=row, T=T, done=end >= T)
+                return None if state is None else state_rows(state, start, end)
+            entry = self._requests.get(keys[0])  # a later chunk (batch 1)
+            if entry is None:
+                return None
+            entry["done"] = end >= entry["T"]
+            return None if entry["state"] is None else state_rows(entry["state"], start, end)
+        for key in [
+            k for k, e in list(self._requests.items()) if k[0] == engine and e["done"] and k not in keys
+        ]:
+            del self._requests[key]  # finished or cancelled: its pages may serve another request now
+        entries = [self._requests.get(k) for k in keys]
+        cached = self._decode_batch.get(engine)  # (keys, entries, state): entries held, compared by identity
+        if cached is None or cached[0] != keys or any(a is not b for a, b in zip(cached[1], entries)):
+            states = [None if e is None or e["state"] is None else e["state"].last_row() for e in entries]
+            cached = self._decode_batch[engine] = (keys, entries, batch_states(states))
+        return cached[2]
+
+    def _forget_engine(self, engine: int):
+        self._engines.discard(engine)
+        self._decode_batch.pop(engine, None)
+        for key in [k for k in list(self._requests) if k[0] == engine]:
+            self._requests.pop(key, None)
+
+
+def _check_mask_rows(state: CrossAttentionState, T: int):
+    if state.mask is not None and state.mask.shape[2] != T:
+        raise ConfigError(f"cross_attention_mask covers {state.mask.shape[2]} tokens but the prompt has {T}")
+
+
+def check_image_inputs(vision, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask):
+    """Shapes and ids of the image inputs, checked before the encoder runs (one-line ConfigErrors)."""
+    if pixel_values.dim() != 6 or pixel_values.shape[3] != vision.num_channels:
+        raise ConfigError(
+            f"pixel_values: expected (B, N_images, tiles, {vision.num_channels}, H, W), got shape "
+            f"{tuple(pixel_values.shape)}"
+        )
+    B, N, tiles = pixel_values.shape[:3]
+    if tiles != vision.max_num_tiles:
+        raise ConfigError(
+            f"pixel_values have {tiles} tiles per image but the model takes max_num_tiles = "
+            f"{vision.max_num_tiles} (padded)"
+        )
+    if pixel_values.shape[4:] != (vision.image_size, vision.image_size):
+        raise ConfigError(
+            f"pixel_values tiles are {tuple(pixel_values.shape[4:])} but the model's tile size is "
+            f"{vision.image_size}x{vision.image_size}"
+        )
+    if aspect_ratio_ids is None:
+        raise ConfigError("pixel_values need aspect_ratio_ids (B, N_images), as the processor gives")
+    if tuple(aspect_ratio_ids.shape) != (B, N):
+        raise ConfigError(f"aspect_ratio_ids: expected shape ({B}, {N}), got {tuple(aspect_ratio_ids.shape)}")
+    bad = (aspect_ratio_ids < 0) | (aspect_ratio_ids > vision.max_aspect_ratio_id)
+    if bool(bad.any()):
+        raise ConfigError(
+            f"aspect_ratio_ids {aspect_ratio_ids[bad].tolist()} outside the supported ids 0..{vision.max_aspect_ratio_id} "
+            f"(aspect ratios {vision.supported_aspect_ratios})"
+        )
+    if aspect_ratio_mask is not None and tuple(aspect_ratio_mask.shape) != (B, N, tiles):
+        raise ConfigError(
+            f"aspect_ratio_mask: expected shape ({B}, {N}, {tiles}), got {tuple(aspect_ratio_mask.shape)}"
+        )
+    if cross_attention_mask is not None and (
+        cross_attention_mask.dim() != 4
+        or cross_attention_mask.shape[0] != B
+        or tuple(cross_attention_mask.shape[2:]) != (N, tiles)
+    ):
+        raise ConfigError(
+            f"cross_attention_mask: expected shape ({B}, T, {N}, {tiles}), got {tuple(cross_attention_mask.shape)}"
+        )
+
+
+# ---- training: what the alignment stage trains ------------------------------------------------------------
+
+
+def alignment_parameters(model: MllamaModel) -> list[str]:
+    """The alignment stage (Llama-3.2-Vision's recipe): only the cross-attention layers (their
+    attention, MLP, norms and gates) and the projector train; the text model and the vision tower stay
+    frozen. Sets requires_grad accordingly and returns the trainable parameter names."""
+    cross = tuple(f"language_model.model.layers.{i}." for i in model.language_model.model.cross_layers)
+    names = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(cross + ("multi_modal_projector.",)))
+        if p.requires_grad:
+            names.append(name)
+    return names
+
+
+def cross_attention_linears(model: MllamaModel, leaves=("q_proj", "k_proj", "v_proj", "o_proj")) -> list[str]:
+    """Module names of the cross-attention projections (LoRA targets: apply_lora(model, modules=...))."""
+    return [
+        f"language_model.model.layers.{i}.cross_attn.{leaf}"
+        for i in model.language_model.model.cross_layers
+        for leaf in leaves
+    ]
