@@ -199,6 +199,70 @@ def build_llava(out: Path, dtype: str):
     return prompts
 
 
+class TransformersOnly(Exception):
+    """vLLM cannot run this family at all; the row records transformers' check and the reason."""
+
+    def __init__(self, transformers_result: str, reason: str):
+        super().__init__(reason)
+        self.transformers_result, self.reason = transformers_result, reason
+
+
+def build_mllama(out: Path, dtype: str):
+    """A transformers-written Mllama (gates away from zero), `omnilm.load` + save_pretrained; transformers
+    reloads the export and its logits with a 2-tile image are compared with OmniLM's."""
+    import transformers
+
+    import omnilm
+    from omnilm.processing.mllama import cross_attention_mask
+
+    vocab, image_id, tile, tiles = 256, 256, 20, 4
+    cfg = transformers.MllamaConfig(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_global_layers=2, attention_heads=4,
+            image_size=tile, patch_size=4, max_num_tiles=tiles, intermediate_layers_indices=[0, 2],
+            vision_output_dim=96, norm_eps=1e-5,
+        ),
+        text_config=dict(
+            vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=5, num_attention_heads=4,
+            num_key_value_heads=2, cross_attention_layers=[1, 3], max_position_embeddings=256,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        ),
+        image_token_index=image_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = _heat(transformers.MllamaForConditionalGeneration(cfg))
+    with torch.no_grad():  # transformers starts the tanh gates at 0, which would hide the cross-attention
+        for name, p in ref.named_parameters():
+            if "gate" in name.split(".")[-1]:
+                p.fill_(0.5)
+    src = out.parent / f"{out.name}-src"
+    ref.save_pretrained(src)
+    omnilm.load(src).to(getattr(torch, dtype)).save_pretrained(out)
+    back = transformers.MllamaForConditionalGeneration.from_pretrained(out).eval()
+    ours = omnilm.load(out)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (1, 12), generator=g)
+    ids[0, 0], ids[0, 2] = 1, image_id
+    pixel_values = torch.zeros(1, 1, tiles, 3, tile, tile)
+    pixel_values[0, 0, :2] = torch.randn(2, 3, tile, tile, generator=g)
+    inputs = dict(
+        input_ids=ids,
+        pixel_values=pixel_values,
+        aspect_ratio_ids=torch.tensor([[2]]),  # (1, 2) tiles
+        aspect_ratio_mask=torch.tensor([[[1, 1, 0, 0]]]),
+        cross_attention_mask=cross_attention_mask([ids[0].tolist()], [[2]], image_id, tiles, 12),
+    )
+    with torch.no_grad():
+        diff = (back(**inputs).logits - ours(**inputs).logits).abs().max().item()
+    result = "yes" if diff <= 1e-4 else f"no: max |logit diff| {diff:.2g}"
+    raise TransformersOnly(
+        result,
+        "vLLM 0.32.0 has no MllamaForConditionalGeneration (its registry lists it as removed after 0.10.2, with"
+        " V0's encoder-decoder models); transformers loads the export",
+    )
+
+
 def not_on_this_branch(what):
     def build(out, dtype):
         raise NotExported(what)
@@ -210,16 +274,9 @@ FAMILIES = [
     Row("llama", "float32", build_llama),
     Row("llama", "bfloat16", build_llama),
     Row("llava", "float32", build_llava),
-    # rows other branches fill in (each needs a builder like build_llama that writes its export):
+    # one row per family and dtype: a new family adds a builder that writes its export and returns prompts
     Row("qwen2", "float32", build_qwen2),
-    Row(
-        "mllama",
-        "float32",
-        not_on_this_branch(
-            "vLLM 0.32.0 has no MllamaForConditionalGeneration (removed after 0.10.2 with V0's "
-            "encoder-decoder models); transformers only; no mllama exporter on this branch (issue 14)"
-        ),
-    ),
+    Row("mllama", "float32", build_mllama),
     Row("qwen2_audio", "float32", build_qwen2_audio),
     Row(
         "compressed-tensors",
@@ -306,6 +363,10 @@ def prepare(row: Row, work: Path) -> dict | None:
         prompts = row.build(out, row.dtype)
     except NotExported as e:
         row.result = {"reason": str(e)}
+        return None
+    except TransformersOnly as e:
+        row.result = {"loads": "no", "greedy": "-", "tokenizer": "-", "chat": "-", "notes": [e.reason]}
+        row.result["transformers"] = e.transformers_result
         return None
     prompts = omnilm_tokens(out, prompts)
     try:

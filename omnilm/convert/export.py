@@ -126,7 +126,7 @@ def write_export_files(model, path, hf_format: bool = True) -> None:
     else:
         gen = generation_config(model.config.decoder, tok)
         (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    if model.config.vision is not None and tok is not None:
+    if model.hf_format == "llava" and tok is not None:
         write_processor_files(model, src, path, tok)
     elif src is not None and src.resolve() != path.resolve():  # e.g. Qwen2-Audio's feature extractor
         for name in PROCESSOR_FILES + ("audio_preprocessor_config.json", "chat_template.json"):
