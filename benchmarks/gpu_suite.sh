@@ -19,10 +19,15 @@ run() {  # name, time limit in seconds, command...
     echo "   exit $? -> $OUT/$name.md"
 }
 
-run generate 120 $PY benchmarks/bench_generate.py --preset llama-3.2-1b --repeats 2
-run batching 90 $PY benchmarks/bench_batching.py --device cuda --dtype bfloat16 --requests 256 --max-batch 128
-run vision 45 $PY benchmarks/bench_vision.py
-run audio 45 $PY benchmarks/bench_audio.py
-run image_gen 60 $PY benchmarks/bench_image_gen.py --device cuda --repeats 2
-run train 60 $PY benchmarks/bench_train.py
-run mllama 150 $PY benchmarks/bench_mllama.py --device cuda --new 64 --repeats 2
+run generate 60 $PY benchmarks/bench_generate.py --preset llama-3.2-1b --repeats 2
+run batching 45 $PY benchmarks/bench_batching.py --device cuda --dtype bfloat16 --requests 256 --max-batch 128
+run vision 30 $PY benchmarks/bench_vision.py
+run audio 30 $PY benchmarks/bench_audio.py
+run image_gen 40 $PY benchmarks/bench_image_gen.py --device cuda --repeats 2
+run train 40 $PY benchmarks/bench_train.py
+run mllama 60 $PY benchmarks/bench_mllama.py --device cuda --new 64 --repeats 2
+run serve 60 $PY benchmarks/bench_serve.py --device cuda --clients 1 4 16 64 --max-tokens 128
+# low-bit inference: fp8 through torch._scaled_mm (capability >= 8.9), int4 through tinygemm, vs bf16 and
+# transformers bf16 (the SQNR section runs on the CPU)
+run quant 90 $PY benchmarks/bench_quant.py --device cuda --threads 4 --tokens 128 --sections sqnr,speed --speed-schemes int8,int4,fp8,nvfp4,mxfp4
+run load 30 $PY benchmarks/bench_load.py --device cuda

@@ -42,11 +42,21 @@ def _dtype(dtype):
     return names[dtype]
 
 
-def load(path, device=None, dtype=None):
-    """A model from a Hugging Face directory (llama, llava) or an OmniLM checkpoint directory."""
+def load(path, device=None, dtype=None, quantize=None, check_weights: bool = False):
+    """A model from a Hugging Face directory (llama, llava, ...), an OmniLM checkpoint directory or a
+    compressed-tensors quantized directory; quantize="int8" (any scheme in omnilm.quant.SCHEMES)
+    quantizes the decoder's linears after loading; check_weights: also refuse weights holding NaN or
+    Inf (a scan of every tensor)."""
     from .convert.formats import load as _load
+    from .convert.validate import checking_weights
 
-    return _load(resolve(path), device=device, dtype=_dtype(dtype))
+    with checking_weights(check_weights):
+        model = _load(resolve(path), device=device, dtype=_dtype(dtype))
+    if quantize is not None:
+        from .quant import quantize_model
+
+        quantize_model(model, quantize)
+    return model
 
 
 def build(preset="tiny", device=None, dtype=None, seed: int | None = 0):
@@ -143,7 +153,7 @@ def _model_type(path) -> str | None:
     f = Path(path) / "config.json"
     try:
         return json.loads(f.read_text()).get("model_type") if f.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError):
         return None
 
 

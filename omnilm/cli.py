@@ -13,13 +13,23 @@ from .errors import OmniLMError
 
 
 def cmd_plan(args):
-    from .plan import format_plan, plan_preset
+    from .plan import format_plan, parse_bytes, plan_preset
 
-    p = plan_preset(args.preset, seq_len=args.seq_len, tokens=args.tokens, gpus=args.gpus, mfu=args.mfu)
+    gpu_mem = parse_bytes(args.gpu_mem) if args.gpu_mem else None
+    p = plan_preset(
+        args.preset,
+        seq_len=args.seq_len,
+        tokens=args.tokens,
+        gpus=args.gpus,
+        mfu=args.mfu,
+        gpu_mem=gpu_mem,
+        context=args.context,
+    )
     print(json.dumps(p) if args.json else format_plan(p))
 
 
 def cmd_generate(args):
+    from .convert.validate import checking_weights
     from .pipeline import Pipeline
 
     # Inputs are read (and refused) before the weights load: a bad file should not wait for the model.
@@ -27,7 +37,8 @@ def cmd_generate(args):
     _check_output(args.output_image, "--output-image", _image_extensions(), ".png")
     _check_output(args.output_audio, "--output-audio", _audio_extensions(), ".wav")
     dtype = args.dtype or ("bfloat16" if args.device and args.device.startswith("cuda") else None)
-    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
+    with checking_weights(args.check_weights):
+        pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
     if args.output_image and hasattr(pipe.processor, "generation_grid"):  # Emu3: its image grammar
         return _emu3_image(args, pipe)
     prompt = pipe.encode(args.prompt, args.image, args.audio, args.file)
@@ -93,6 +104,27 @@ def _write_media(out, args):
         print(f"wrote {args.output_audio}")
 
 
+def cmd_serve(args):
+    import os
+
+    from .serve import serve
+
+    _check_device(args.device)
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("OMNILM_API_KEY"),
+          max_queue=args.max_queue, max_batch=args.max_batch, device=args.device, dtype=args.dtype,
+          allow_media_url=args.allow_media_url, allow_local_media=args.allow_local_media)  # fmt: skip
+
+
+def cmd_chat(args):
+    from .serve.backend import Backend, GenerationConfig
+    from .serve.terminal import run
+
+    _check_device(args.device)
+    backend = Backend.load(args.model, device=args.device, dtype=args.dtype)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    run(backend, cfg, media_dir=args.media_dir)
+
+
 def cmd_compose(args):
     from .convert.compose import compose
 
@@ -124,12 +156,40 @@ def cmd_compose(args):
 def cmd_convert(args):
     from .api import _dtype, resolve
     from .convert.convert import convert_checkpoint
+    from .convert.validate import checking_weights
 
     tokenizer = resolve(args.tokenizer) if args.tokenizer is not None else None
-    model = convert_checkpoint(
-        resolve(args.model), args.out, dtype=_dtype(args.dtype), overwrite=args.overwrite, tokenizer=tokenizer
-    )
+    with checking_weights(args.check_weights):
+        model = convert_checkpoint(
+            resolve(args.model),
+            args.out,
+            dtype=_dtype(args.dtype),
+            overwrite=args.overwrite,
+            tokenizer=tokenizer,
+        )
     print(f"wrote {args.out} ({type(model).__name__}, format {model.config.hf_format})")
+
+
+def cmd_quantize(args):
+    from .api import load, resolve
+    from .convert.hf import checkpoint_dir
+    from .quant import get_scheme, quantize_model
+    from .quant.io import save_quantized
+
+    scheme = get_scheme(args.scheme, args.group_size)  # refused before the weights load
+    source = checkpoint_dir(resolve(args.model))
+    model = load(source, dtype=args.dtype)
+    names = quantize_model(model, scheme, encoders=args.encoders)
+    tensors, files = save_quantized(model, args.out, source=source)
+    print(
+        f"wrote {args.out} ({args.scheme}, {len(names)} linear layers, {tensors:,} B of tensors, {files:,} B of files)"
+    )
+
+
+def cmd_eval(args):
+    from .eval import cmd_eval as run
+
+    run(args)
 
 
 def cmd_train(args):
@@ -330,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--gpus", type=_positive_int, default=8, help="GPUs for the FSDP and GPU-days figures")
     p.add_argument("--mfu", type=_fraction, default=0.4, help="model FLOPs utilization, in (0, 1]")
+    p.add_argument("--gpu-mem", default=None, help="e.g. 141GB: per quantization scheme, do weights + KV fit")
+    p.add_argument("--context", type=_positive_int, default=None, help="KV context for --gpu-mem")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("generate", help="generate text (and images/audio) from a prompt with media")
@@ -391,7 +453,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="tokenizer directory, for a model directory without one",
     )
+    p.add_argument("--check-weights", action="store_true", help="refuse weights holding NaN or Inf")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web chat page at /")
+    p.add_argument("--model", required=True, help="model directory, or 'demo' for the bundled checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="required on every route but /health (or OMNILM_API_KEY)")
+    p.add_argument("--max-queue", type=_positive_int, default=64, help="waiting requests; more get 429")
+    p.add_argument("--max-batch", type=_positive_int, default=16)
+    p.add_argument("--allow-media-url", action="store_true", help="fetch http(s) image URLs")
+    p.add_argument("--allow-local-media", default=None, metavar="DIR", help="read file:// media under DIR")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat in the terminal (/image, /audio, /file, /system, /reset, /save)")
+    p.add_argument("--model", required=True, help="model directory, or 'demo' for the bundled checkpoint")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=_non_negative, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--media-dir", default=".", help="where generated images/audio are written")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("compose", help="build one multimodal checkpoint from pretrained parts")
     p.add_argument("--text", required=True, help="Llama directory or hub id (Hugging Face format)")
@@ -424,7 +510,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer", default=None, metavar="DIR", help="tokenizer to write with it (default: --model's)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--check-weights", action="store_true", help="refuse weights holding NaN or Inf")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="write a low-bit copy of a model (compressed-tensors layout)")
+    p.add_argument(
+        "--model", required=True, help="model directory, hub id, or 'demo' for the bundled checkpoint"
+    )
+    p.add_argument("--scheme", required=True, help="int8, int4, fp8, nvfp4 or mxfp4")
+    p.add_argument("--group-size", type=_positive_int, default=None, help="int4 group: 32, 64 or 128")
+    p.add_argument("--encoders", action="store_true", help="quantize the vision/audio encoders too")
+    p.add_argument("--dtype", default=None, help="dtype of the unquantized parts and the scales")
+    p.add_argument("--out", required=True, help="output directory (written whole or not at all)")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity of a text file, or exact-match accuracy of a task file")
+    p.add_argument(
+        "--model", required=True, help="model directory, hub id, or 'demo' for the bundled checkpoint"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="UTF-8 text file: strided perplexity")
+    src.add_argument("--tasks", help="JSONL: {prompt, answer, image?, audio?, file?} per line")
+    p.add_argument("--context", type=_positive_int, default=None, help="window (default: the model's)")
+    p.add_argument(
+        "--stride", type=_positive_int, default=None, help="window step (default: half the window)"
+    )
+    p.add_argument("--quantize", default=None, help="quantize on the fly with this scheme")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="answer length limit (--tasks)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="train from a YAML config")
     p.add_argument(

@@ -868,7 +868,8 @@ PRESETS = {
         source="seeds/002 (unified discrete-token transformer, ~8B)",
     ),
     # The 88B design (seeds/001): L=110, D=8192, H=64 (head_dim 128), multi-query attention, ~50k BPE
-    # vocabulary (GPT-2's 50257), 4*D GELU FFN as the 12*L*D^2 estimate assumes, 8192-token sequences.
+    # vocabulary (GPT-2's 50257), 8192-token sequences. With MQA a 4*D GELU FFN counts only 74.9B, so
+    # the FFN is SwiGLU of width 26624 (3.25*D, a multiple of 256), which makes the name true: 87.79B.
     "design-88b": lambda: ModelConfig(
         decoder=DecoderConfig(
             vocab_size=50257,
@@ -876,13 +877,13 @@ PRESETS = {
             num_layers=110,
             num_heads=64,
             num_kv_heads=1,
-            intermediate_size=32768,
+            intermediate_size=26624,
             max_seq_len=8192,
-            mlp="gelu",
+            mlp="swiglu",
             rope_theta=10000.0,
             tie_embeddings=False,
         ),
-        source="seeds/001 (the 88B multimodal design)",
+        source="seeds/001 (the 88B multimodal design; SwiGLU width 26624 = 3.25*D so MQA totals 87.79B)",
     ),
 }
 

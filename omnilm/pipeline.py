@@ -13,7 +13,6 @@ model loads. Text (detokenizing, stop strings) lives here; the engine sees token
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,10 +206,9 @@ def default_generation_config(model_dir: Path, processor) -> GenerationConfig:
     settings = {}
     path = Path(model_dir) / "generation_config.json"
     if path.is_file():
-        try:
-            hf = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OmniLMError(f"{path}: not valid JSON ({e})") from None
+        from .convert.validate import read_json
+
+        hf = read_json(path, error=OmniLMError)  # bounded: deep nesting or a non-object is an error too
         if isinstance(hf.get("eos_token_id"), (int, list)):
             eos = hf["eos_token_id"]
         if hf.get("do_sample"):  # transformers ignores the sampling settings without it

@@ -9,6 +9,10 @@ Conventions, so the numbers can be checked by hand:
   moments (8 B): 16 bytes per parameter, divided evenly across GPUs under FSDP (full sharding).
   Activations are not included (they depend on checkpointing and micro-batch).
 - fp4 counts NVFP4: 4-bit values plus one fp8 scale per 16 values (0.5625 B per parameter).
+- `schemes` is exact instead: the bytes `omnilm quantize` writes for each scheme (the decoder's linears in
+  the scheme's compressed-tensors layout with bf16 scales, everything else in bf16; the safetensors
+  header excluded), plus the bf16 KV cache of one sequence of `context` tokens, against one GPU's
+  memory (activations and workspace excluded).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import math
 
 from .config import ModelConfig, get_preset
+from .errors import ConfigError
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM dense bf16 peak, NVIDIA datasheet
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "fp4": 0.5 + 1 / 16}
@@ -70,8 +75,85 @@ def _group(name: str) -> str:
     return "other"
 
 
+def parse_bytes(text: str) -> int:
+    """ "141GB" (10^9), "80GiB" (2^30), "512MB", or a plain number of bytes."""
+    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "TB": 1e12, "GB": 1e9, "MB": 1e6, "B": 1}
+    t = text.strip().upper()
+    unit = next((u for u in units if t.endswith(u)), None)  # longest suffixes first
+    number, scale = (t[: -len(unit)], units[unit]) if unit else (t, 1)
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ConfigError(f"--gpu-mem {text!r}: expected a size such as 141GB, 80GiB or 24000MB") from None
+    if value <= 0:
+        raise ConfigError(f"--gpu-mem {text!r}: must be positive")
+    return int(value)
+
+
+def scheme_bytes(cfg: ModelConfig, int4_group: int = 128) -> dict[str, int | None]:
+    """Exact weight bytes per scheme as `omnilm quantize` writes them (None where a width does not
+    divide the scheme's group)."""
+    import torch
+    from torch import nn
+
+    from .convert.hf import init_empty_weights
+    from .models.builder import model_class
+    from .quant.formats import SCHEMES, check_shape, get_scheme, stored_bytes
+    from .quant.linear import quantizable
+
+    with init_empty_weights():  # as count_params: meta parameters without importing torch._dynamo
+        model = model_class(cfg)(cfg)
+    linears = {name: model.get_submodule(name) for name in quantizable(model)}
+    quantized_ids = {id(m.weight) for m in linears.values()}
+    rest, seen = 0, set()
+    for p in model.parameters():
+        if id(p) not in seen and id(p) not in quantized_ids:
+            seen.add(id(p))
+            rest += 2 * p.numel()  # bf16
+    out: dict[str, int | None] = {"bf16": 2 * count_params(cfg)["total"]}
+    for name in SCHEMES:
+        scheme = get_scheme(name, int4_group if name == "int4" else None)
+        try:
+            for lname, m in linears.items():
+                check_shape(scheme, lname, m.out_features, m.in_features)
+        except ConfigError:
+            out[name] = None
+            continue
+        out[name] = rest + sum(
+            stored_bytes(scheme, m.out_features, m.in_features, torch.bfloat16)
+            + (2 * m.out_features if m.bias is not None else 0)
+            for m in linears.values()
+            if isinstance(m, nn.Linear)
+        )
+    return out
+
+
+def scheme_fit(cfg: ModelConfig, gpu_mem: int, context: int | None = None, int4_group: int = 128) -> dict:
+    d = cfg.decoder
+    context = context or d.max_seq_len
+    kv = 2 * d.num_layers * d.num_kv_heads * d.head_dim * 2 * context
+    rows = {}
+    for name, weights in scheme_bytes(cfg, int4_group).items():
+        if weights is None:
+            rows[name] = {"weight_bytes": None, "fits": None}
+            continue
+        rows[name] = {
+            "weight_bytes": weights,
+            "kv_bytes": kv,
+            "total": weights + kv,
+            "fits": weights + kv <= gpu_mem,
+        }
+    return {"gpu_mem": gpu_mem, "context": context, "int4_group_size": int4_group, "schemes": rows}
+
+
 def plan(
-    cfg: ModelConfig, seq_len: int | None = None, tokens: float = 2e12, gpus: int = 8, mfu: float = 0.4
+    cfg: ModelConfig,
+    seq_len: int | None = None,
+    tokens: float = 2e12,
+    gpus: int = 8,
+    mfu: float = 0.4,
+    gpu_mem: int | None = None,
+    context: int | None = None,
 ) -> dict:
     d = cfg.decoder
     seq_len = seq_len or min(d.max_seq_len, DEFAULT_TRAIN_SEQ)
@@ -104,6 +186,7 @@ def plan(
         "gpu_days": gpu_seconds / 86400,
         "wall_days": gpu_seconds / 86400 / gpus,
         "notes": design_notes(cfg, n, n_matmul, tokens),
+        **({"inference": scheme_fit(cfg, gpu_mem, context)} if gpu_mem else {}),
     }
 
 
@@ -112,7 +195,9 @@ def design_notes(cfg: ModelConfig, n: int, n_matmul: int, tokens: float) -> list
     d = cfg.decoder
     notes = []
     estimate = 12 * d.num_layers * d.hidden_size**2
-    if abs(estimate - n) / n > 0.02:
+    # MQA shrinks attention below the rule's 4*D^2 while a wide SwiGLU grows the FFN past its 8*D^2: the
+    # totals can agree while every term differs, so the note stays whenever MQA/GQA breaks the rule
+    if abs(estimate - n) / n > 0.02 or d.num_kv_heads < d.num_heads:
         why = []
         if d.num_kv_heads < d.num_heads:
             kv = "multi-query" if d.num_kv_heads == 1 else "grouped-query"
@@ -127,8 +212,16 @@ def design_notes(cfg: ModelConfig, n: int, n_matmul: int, tokens: float) -> list
         elif d.intermediate_size != 4 * d.hidden_size:
             why.append(f"the FFN is {d.intermediate_size} wide, not 4*D")
         why.append("embeddings and head are not in 12*L*D^2")
+        close = abs(estimate - n) / n <= 0.02
         notes.append(
-            f"12*L*D^2 = {estimate / 1e9:.2f}B but the exact count is {n / 1e9:.2f}B: " + "; ".join(why) + "."
+            f"12*L*D^2 = {estimate / 1e9:.2f}B "
+            + (
+                f"and the exact count is {n / 1e9:.2f}B, close only because the terms offset: "
+                if close
+                else f"but the exact count is {n / 1e9:.2f}B: "
+            )
+            + "; ".join(why)
+            + "."
         )
     notes.append(
         f"training on {tokens:.3g} tokens takes 6*N*D = 6 * {n_matmul / 1e9:.1f}e9 * {tokens:.3g} = "
@@ -173,4 +266,19 @@ def format_plan(p: dict) -> str:
         "notes",
     ]
     lines += [f"  - {n}" for n in p["notes"]]
+    if "inference" in p:
+        inf = p["inference"]
+        lines += [
+            "",
+            f"inference on one GPU of {inf['gpu_mem'] / 1e9:.1f} GB: weights as `omnilm quantize` writes them "
+            f"+ bf16 KV cache of {inf['context']:,} tokens (activations excluded)",
+        ]
+        for name, r in inf["schemes"].items():
+            if r["weight_bytes"] is None:
+                lines.append(f"  {name:<6} n/a (a width is not divisible by the group size)")
+                continue
+            lines.append(
+                f"  {name:<6} weights {r['weight_bytes']:>18,} B  + KV {r['kv_bytes'] / 1e9:.2f} GB  = "
+                f"{r['total'] / 1e9:8.2f} GB  {'fits' if r['fits'] else 'does not fit'}"
+            )
     return "\n".join(lines)

@@ -9,13 +9,8 @@ import omnilm
 from omnilm.config import AudioCodecConfig
 from omnilm.convert.codec import load_codec, save_codec
 from omnilm.errors import CheckpointError, MediaError
-from omnilm.models.vq.codec import (
-    AudioCodec,
-    multi_resolution_stft_loss,
-    si_snr,
-    synth_tones,
-    train_audio_codec,
-)
+from omnilm.models.vq.codec import AudioCodec, multi_resolution_stft_loss
+from omnilm.training.codec import si_snr, synth_tones, train_audio_codec
 
 transformers = pytest.importorskip("transformers")
 

@@ -205,7 +205,7 @@ def test_greedy_16_tokens_equal_transformers_with_cached_cross_attention(hf_dir)
     import gc
 
     gc.collect()  # the private engine of generate() is gone, and with it the request's image state
-    assert not model._requests and not model._decode_batch
+    assert all(ref() is None for ref in model._decode_states[0] if ref is not None)
 
 
 def test_engine_batch_of_different_image_counts_equals_each_alone(hf_dir):

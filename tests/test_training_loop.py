@@ -7,7 +7,7 @@ import torch
 import omnilm
 from omnilm.config import DecoderConfig, ModelConfig
 from omnilm.errors import ConfigError, OmniLMError
-from omnilm.training.checkpoint import latest_checkpoint, list_checkpoints
+from omnilm.training.checkpoint import _write_manifest, latest_checkpoint, list_checkpoints
 from omnilm.training.config import TrainConfig, train_config_from_dict
 from omnilm.training.loop import Trainer, train
 from omnilm.training.optim import build_optimizer, freeze, lr_factor
@@ -274,6 +274,7 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step-00000010").mkdir(parents=True)
     (root / "step-00000010" / "trainer_state.json").write_text("{}")
+    _write_manifest(root / "step-00000010")  # written last by a save: the mark of a complete one
     (root / ".tmp-step-00000030" / "dcp").mkdir(parents=True)  # a save killed before its rename
     (root / "step-00000020").mkdir()  # no trainer_state.json: not complete
     assert latest_checkpoint(root).name == "step-00000010"

@@ -7,9 +7,10 @@ import torch
 from omnilm.config import ImageVQConfig
 from omnilm.convert.codec import load_codec, save_codec
 from omnilm.errors import ConfigError, MediaError
-from omnilm.models.vq.image_vqvae import ImageVQVAE, evaluate_image_vq, train_image_vq
+from omnilm.models.vq.image_vqvae import ImageVQVAE
 from omnilm.models.vq.quantizers import ResidualVQ, VectorQuantizer
 from omnilm.tokenizers.vq import demo_images
+from omnilm.training.codec import evaluate_image_vq, train_image_vq
 
 
 def _clusters(n=512, dim=8, k=16, seed=0):

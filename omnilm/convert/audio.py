@@ -12,6 +12,7 @@ import torch
 
 from ..config import AudioConfig
 from ..errors import CheckpointError
+from . import validate
 from .hf import init_empty_weights, load_strict, read_config, read_state_dict
 
 AUDIO_MODEL_TYPES = ("whisper", "wav2vec2")
@@ -134,7 +135,9 @@ def load_audio_encoder(
     from ..models.audio import build_audio_tower
 
     hf_config = read_config(path) if hf_config is None else hf_config
-    cfg = audio_config_from_hf(hf_config, projector_stack)
+    with validate.config_errors(f"{path}/config.json"):
+        cfg = audio_config_from_hf(hf_config, projector_stack)
+    validate.check_config(cfg, f"{path}/config.json", lambda: build_audio_tower(cfg), dtype)
     with init_empty_weights():
         encoder = build_audio_tower(cfg)
     state = encoder_state_from_hf(read_state_dict(path), hf_config)

@@ -18,7 +18,9 @@ from ..errors import CheckpointError, ConfigError
 from ..models.vq.codec import AudioCodec
 from ..models.vq.encodec import EncodecCodec, EncodecConfig, encodec_state_from_hf
 from ..models.vq.image_vqvae import ImageVQVAE
+from . import validate
 from .hf import checkpoint_dir, load_strict, read_state_dict, write_state_dict
+from .validate import read_json
 
 CODEC_CONFIG = "omnilm_codec.json"
 KINDS = {"image_vq": (ImageVQVAE, ImageVQConfig), "audio_codec": (AudioCodec, AudioCodecConfig)}
@@ -48,7 +50,10 @@ def load_codec(path, device=None, dtype=None):
                 f"{path / CODEC_CONFIG}: 'kind' must be one of {sorted(KINDS)}, got {kind!r}"
             )
         model_cls, cfg_cls = KINDS[kind]
-        model = model_cls(from_dict(cfg_cls, meta.get("config") or {}))
+        with validate.config_errors(str(path / CODEC_CONFIG)):
+            cfg = from_dict(cfg_cls, meta.get("config") or {})
+        validate.check_config(cfg, str(path / CODEC_CONFIG), lambda: model_cls(cfg), dtype)
+        model = model_cls(cfg)
         state = read_state_dict(path)
     elif (path / "config.json").is_file():
         hf = _read_json(path / "config.json")
@@ -61,7 +66,10 @@ def load_codec(path, device=None, dtype=None):
                 f"{path / 'config.json'}: model_type {hf.get('model_type')!r} is not a codec "
                 f"(expected 'encodec', or an OmniLM dir with {CODEC_CONFIG})"
             )
-        model = EncodecCodec(EncodecConfig.from_hf(hf))
+        with validate.config_errors(str(path / "config.json")):
+            cfg = EncodecConfig.from_hf(hf)
+        validate.check_config(cfg, str(path / "config.json"), lambda: EncodecCodec(cfg), dtype)
+        model = EncodecCodec(cfg)
         state = encodec_state_from_hf(read_state_dict(path))
     else:
         raise CheckpointError(f"{path}: no {CODEC_CONFIG} or config.json")
@@ -70,10 +78,7 @@ def load_codec(path, device=None, dtype=None):
 
 
 def _read_json(f: Path) -> dict:
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+    return read_json(f)
 
 
 def codec_device(model) -> torch.device:

@@ -30,6 +30,7 @@ from .hf import (
     retie,
 )
 from .hub import local_path
+from .validate import read_json
 
 # what the text model's directory holds besides its tokenizer.json (which the processor rewrites)
 TEXT_SIDE_FILES = (
@@ -41,7 +42,7 @@ TEXT_SIDE_FILES = (
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None
 
 
 def _tokenizer_with_markers(tok_dir: Path, markers: list[str]) -> TextTokenizer:

@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..tokenizers.text import ASSET_DIR, TextTokenizer
+from ..tokenizers.text import ASSET_DIR, TextTokenizer, chat_template
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -29,15 +29,19 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 def tokenizer_config(tokenizer: TextTokenizer, base: dict | None = None) -> dict:
     """`base` (a source's tokenizer_config.json) completed with the chat template and the special tokens
     transformers' processors look up as attributes (`tokenizer.image_token`)."""
-    own = tokenizer.hf_config()
-    out = dict(base) if base else own
-    if own.get("chat_template") and not out.get("chat_template"):
-        out["chat_template"] = own["chat_template"]
+    out = dict(base) if base else tokenizer.hf_config()
+    template = chat_template(tokenizer)
+    if template is not None and not out.get("chat_template"):
+        out["chat_template"] = template
     extra = out.get("extra_special_tokens")
     extra = dict(extra) if isinstance(extra, dict) else {}
-    for name, value in (own.get("extra_special_tokens") or {}).items():
-        out.setdefault(name, value)
-        extra.setdefault(name, out[name])
+    for name, tok_id in (
+        ("image_token", tokenizer.image_token_id),
+        ("audio_token", tokenizer.audio_token_id),
+    ):
+        if tok_id is not None:
+            out.setdefault(name, tokenizer.id_to_token(tok_id))
+            extra.setdefault(name, out[name])
     if extra:
         out["extra_special_tokens"] = extra
     return out
@@ -64,13 +68,16 @@ def tokenizer_source(model) -> Path | None:
     return None
 
 
-def write_tokenizer(src: Path, out: Path) -> TextTokenizer:
-    """Copy the tokenizer files from `src` and complete its tokenizer_config.json (chat template)."""
+def write_tokenizer(src: Path, out: Path, complete: bool = True) -> TextTokenizer:
+    """Copy the tokenizer files from `src` and (complete) add what vLLM and transformers' processors
+    need to its tokenizer_config.json: the chat template, the media tokens as extra_special_tokens."""
     out.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
             shutil.copyfile(src / name, out / name)
     tok = TextTokenizer.from_dir(out)
+    if not complete:
+        return tok
     cfg_file = out / "tokenizer_config.json"
     base = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
     cfg = tokenizer_config(tok, base)
@@ -107,9 +114,9 @@ def write_export_files(model, path, hf_format: bool = True) -> None:
     directory (hf_format False) gets its tokenizer only."""
     path = Path(path)
     src = tokenizer_source(model)
-    if not hf_format:
+    if not hf_format:  # OmniLM's own format: its prompt format lives in processor_config.json
         if src is not None:
-            write_tokenizer(src, path)
+            write_tokenizer(src, path, complete=False)
         return
     cfg_file = path / "config.json"
     hf = json.loads(cfg_file.read_text())
@@ -162,7 +169,7 @@ def write_processor_files(model, src: Path, path: Path, tok: TextTokenizer) -> N
         num_additional_image_tokens=1 if v.kind == "clip" else 0,
         image_token=tok.id_to_token(model.config.image_token_id),
     )
-    template = tok.hf_config().get("chat_template")
+    template = chat_template(tok)
     if template is not None:  # a processor reads its template from here, not from the tokenizer's
         meta.setdefault("chat_template", template)
     (path / "processor_config.json").write_text(json.dumps(meta, indent=2) + "\n")

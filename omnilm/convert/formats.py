@@ -31,6 +31,10 @@ HF_FORMATS = ("llama", "llava", "qwen2", "qwen2_audio", "emu3", "mllama")
 
 def _load(path, device=None, dtype=None):
     path = checkpoint_dir(path)
+    from ..quant.io import is_quantized_dir, load_quantized  # compressed-tensors directories
+
+    if is_quantized_dir(path):
+        return load_quantized(path, device, dtype)
     if (path / OMNILM_CONFIG).is_file():
         return load_omnilm(path, device, dtype)
     hf = read_config(path)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import DecoderConfig, ModelConfig, RopeScaling
 from ..errors import CheckpointError
+from . import validate
 from .files import honour_umask
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -46,10 +47,7 @@ def read_config(path) -> dict:
     for name in ("config.json", OMNILM_CONFIG):
         f = path / name
         if f.is_file():
-            try:
-                return json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+            return validate.read_json(f)
     raise CheckpointError(f"{path}: no config.json or {OMNILM_CONFIG}")
 
 
@@ -58,8 +56,7 @@ def read_state_dict(path, prefix: str = "") -> dict[str, torch.Tensor]:
     path = checkpoint_dir(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
+        files = validate.index_files(path, validate.read_json(index), index)
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -70,11 +67,13 @@ def read_state_dict(path, prefix: str = "") -> dict[str, torch.Tensor]:
                 "refused (they can run code): convert them to safetensors"
             )
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    for name in files:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: shard named in the index is missing")
+    validate.check_shards(path, files)
     state = {}
     for name in files:
         f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: shard named in the index is missing")
         try:
             with safe_open(f, framework="pt", device="cpu") as sf:
                 for key in sf.keys():
@@ -184,6 +183,7 @@ def load_strict(
     ]
     if bad:
         raise CheckpointError(f"{source}: shape mismatch for {_short(bad)}")
+    state = validate.check_state(expected, state, source)
     if dtype is not None or device is not None:
         state = {
             k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()
@@ -211,6 +211,7 @@ def retie(model):
 
 
 def decoder_config_from_hf(d: dict) -> DecoderConfig:
+    validate.check_hf_decoder(d, "config.json")
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"config.json: hidden_act {act!r} is not supported for llama (expected 'silu')")
@@ -306,7 +307,9 @@ def llama_state_from_hf(state: dict, cfg: DecoderConfig, prefix: str = "") -> di
 def load_llama(path, hf_config: dict, device=None, dtype=None):
     from ..models.omni import OmniModel
 
-    cfg = ModelConfig(decoder=decoder_config_from_hf(hf_config), source=str(path))
+    with validate.config_errors(f"{path}/config.json"):
+        cfg = ModelConfig(decoder=decoder_config_from_hf(hf_config), source=str(path))
+    validate.check_model_size(cfg.decoder, f"{path}/config.json", dtype)
     with init_empty_weights():
         model = OmniModel(cfg)
     state = llama_state_from_hf(read_state_dict(path), cfg.decoder)
@@ -346,7 +349,13 @@ def load_omnilm(path, device=None, dtype=None):
     from ..models.builder import model_class
 
     path = checkpoint_dir(path)
-    cfg = ModelConfig.from_dict(json.loads((path / OMNILM_CONFIG).read_text()))
+    source = str(path / OMNILM_CONFIG)
+    with validate.config_errors(source):
+        cfg = ModelConfig.from_dict(validate.read_json(path / OMNILM_CONFIG))
+    validate.check_config_types(cfg, source)
+    validate.check_model_size(cfg.decoder, source, dtype)
+    if cfg.vision is not None or cfg.audio is not None or cfg.discrete is not None:  # sized by a meta build
+        validate.check_config(cfg, source, lambda: model_class(cfg)(cfg), dtype)
     with init_empty_weights():
         model = model_class(cfg)(cfg)
     state = read_state_dict(path)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..config import ModelConfig, VisionConfig
 from ..errors import CheckpointError, ConfigError
+from . import validate
 from .hf import (
     decoder_config_from_hf,
     decoder_config_to_hf,
@@ -169,7 +170,9 @@ def load_vision_encoder(path, hf_config: dict, device=None, dtype=None):
 
     from ..models.vision import VisionTower
 
-    cfg = vision_config_from_hf(hf_config)
+    with validate.config_errors(f"{path}/config.json"):
+        cfg = vision_config_from_hf(hf_config)
+    validate.check_config(cfg, f"{path}/config.json", lambda: VisionTower(cfg), dtype)
     if hf_config.get("model_type") == "llava":
         raise CheckpointError(f"{path}: a llava checkpoint is a whole model; load it with omnilm.load")
     cfg = dataclasses.replace(cfg, feature_layer=None, feature_select="full")
@@ -250,7 +253,9 @@ def load_llava(path, hf_config: dict, device=None, dtype=None):
     from ..models.omni import OmniModel
 
     state = llava_state_to_omni(read_state_dict(path))
-    cfg = llava_model_config(hf_config, has_head=_has_head(state, "vision_tower."))
+    with validate.config_errors(f"{path}/config.json"):
+        cfg = llava_model_config(hf_config, has_head=_has_head(state, "vision_tower."))
+    validate.check_config(cfg, f"{path}/config.json", lambda: OmniModel(cfg), dtype)
     cfg.source = str(path)
     with init_empty_weights():
         model = OmniModel(cfg)

@@ -62,8 +62,8 @@ def run_demo(
 ) -> dict:
     """Train, evaluate and save; returns the metrics dict (also written to out/metrics.json)."""
     from ..convert.codec import save_codec
-    from ..models.vq.image_vqvae import train_image_vq
     from ..tokenizers.text import TextTokenizer
+    from ..training.codec import train_image_vq
     from . import eval as ev
     from .data import IMAGE_PROMPTS, TaskBuilder, load_digits, render_digit, shift_images
     from .train import build_model, build_processor, code_offset, model_config, train_model, vq_config

@@ -19,6 +19,7 @@ from ..processing.image import ImageProcessor
 from ..processing.multimodal import Processor
 from ..tokenizers.text import TextTokenizer
 from ..training.config import OptimConfig
+from ..training.guard import NonFiniteGuard
 from ..training.optim import build_optimizer, build_scheduler
 from .data import collate
 
@@ -138,6 +139,7 @@ def train_model(
     opt = build_optimizer(model, optim_cfg)
     sched = build_scheduler(opt, optim_cfg, steps)
     gen = torch.Generator().manual_seed(seed)
+    guard = NonFiniteGuard(what="demo training")
     model.train()
     losses = []
     start = time.time()
@@ -147,10 +149,7 @@ def train_model(
         mix = audio_first if step < audio_steps else batch_mix
         batches = [collate(sample_fns[task](n, gen), pad_id) for task, n in mix.items()]
         loss = answer_loss(model, batches)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
-        opt.step()
+        guard.step(opt, loss, model.parameters(), optim_cfg.grad_clip, step)
         sched.step()
         losses.append(loss.item())
         if step % 10 == 0 or step == steps - 1:

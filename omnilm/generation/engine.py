@@ -63,6 +63,7 @@ class Sequence:
     pages: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose keys/values are in the pages
     embeds: torch.Tensor | None = None  # (T, D) prompt embeddings, media scattered in (prefill only)
+    state: object = None  # the model's per-request state (model.request_state), e.g. Mllama's image k/v
 
 
 class Request:
@@ -143,12 +144,16 @@ class Engine:
         if num_pages is None:  # room for a full batch of full-context requests
             num_pages = max_batch * math.ceil(self.ctx / page_size)
         self.pool = PagePool(num_pages)
-        p = model.language_model.lm_head.weight
+        # A model with per-request state (cross-attention to images, computed once per request) has
+        # `request_state(ids, **media)`; the engine keeps the state and hands it back, in row order,
+        # to every forward as `request_states`. Such a model may also have fewer KV layers than layers.
+        self.stateful = hasattr(model, "request_state")
+        n_layers = getattr(model, "num_kv_layers", dec.num_layers)
         self.kv = PagedKV(
-            dec.num_layers, dec.num_kv_heads, dec.head_dim, num_pages, page_size, p.dtype, p.device
+            n_layers, dec.num_kv_heads, dec.head_dim, num_pages, page_size, model.dtype, model.device
         )
         self.page_size = page_size
-        self.device = p.device
+        self.device = model.device
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
@@ -270,6 +275,8 @@ class Engine:
             n = sum(len(seq.ids) for seq in req.seqs)
             if n > budget or any(seq.cached for seq in req.seqs) or set(req.media) - BATCHED_MEDIA:
                 break
+            if self.stateful and req.media:  # its state is made alone, in _prefill
+                break
             whole.append(req)
             budget -= n
         self._prefill_whole(whole)
@@ -310,8 +317,7 @@ class Engine:
             req.processors.append(penalties)
         if disc is not None:
             req.spans = SpanController.from_prompt(disc, ids)
-            state, left = req.spans.prompt_states[0]
-            if state == IMAGE_CODES and left >= req.max_new:
+            if req.spans.state == IMAGE_CODES and req.spans.left >= req.max_new:
                 req.only = "image"
             if cfg.guided:
                 uncond = req.uncond_ids or null_prompt(disc, ids, dec.bos_token_id)[0]
@@ -341,6 +347,8 @@ class Engine:
                     ids = torch.tensor([seq.ids], device=self.device)
                     media = req.media if i == 0 else {}
                     seq.embeds = model.embed(ids, **media)[0]  # (T, D)
+                    if self.stateful and media:
+                        seq.state = model.request_state(ids, **media)
                 n = min(T - seq.cached, budget - done)
                 if n <= 0:
                     return done
@@ -360,6 +368,7 @@ class Engine:
                     kv_len=end,
                     logits_slice=slice(-1, None),
                     **({"logits_modality": req.only} if req.only else {}),
+                    **({"request_states": [seq.state]} if self.stateful else {}),
                 )
                 seq.cached, done = end, done + n
                 if end == T:
@@ -414,6 +423,7 @@ class Engine:
             kv_len=T,
             logits_slice=slice(-1, None),
             **({"logits_modality": only} if only else {}),
+            **({"request_states": [None] * len(rows)} if self.stateful else {}),
         )
         disc = self.model.config.discrete
         for b, (req, _, seq) in enumerate(rows):
@@ -453,7 +463,10 @@ class Engine:
             )
             mask = mask[:, None, None, :]  # (B, 1, 1, S)
         only = "image" if all(req.only == "image" for req in reqs) else None
-        logits = self._decode_forward(tokens, mask, positions, write, read, S, only)  # (B, V) or (B, V_image)
+        states = [seq.state for seq in seqs] if self.stateful else None
+        logits = self._decode_forward(
+            tokens, mask, positions, write, read, S, only, states
+        )  # (B, V) or (B, V_image)
         row = 0
         for req, seq_count in [(r, len(r.seqs)) for r in reqs]:
             for seq in req.seqs:
@@ -466,7 +479,7 @@ class Engine:
             row += seq_count
             self._sample(req, rows)
 
-    def _forward(self, tokens, mask, positions, write, read, S, only):
+    def _forward(self, tokens, mask, positions, write, read, S, only, states=None):
         """The decode step's model call: tokens, positions (B, 1); mask (B, 1, 1, S) or None."""
         out = self.model(
             tokens,
@@ -476,6 +489,7 @@ class Engine:
             cache_position=positions[0],
             kv_len=S,
             **({"logits_modality": only} if only else {}),
+            **({"request_states": states} if states is not None else {}),
         )
         return out.logits[:, -1]
 
@@ -495,7 +509,7 @@ class Engine:
             logits = logits.float()
             if cfg.guided:
                 guided = guide(logits, rows[1].float(), cfg.guidance_scale)
-                logits = guided if req.only else torch.where(req.spans.in_image[:, None], guided, logits)
+                logits = guided if req.only or req.spans.in_image else logits
         elif cfg.guided:
             logits = guide(logits.float(), rows[1].float(), cfg.guidance_scale)
         raw = logits
@@ -520,7 +534,7 @@ class Engine:
         for p in req.processors:
             p.update(t)
         if req.spans is not None:
-            req.spans.update(t)
+            req.spans.update(token)
         req.output.append(token)
         if token in req.eos:
             ev.finish_reason = "stop"
@@ -538,6 +552,7 @@ class Engine:
             if req in lst:
                 lst.remove(req)
         for seq in req.seqs:
+            seq.state = seq.embeds = None
             if seq.pages:
                 self.pool.release(seq.pages)
                 seq.pages = []

@@ -15,6 +15,8 @@ request its own instances (B = 1 there), so rules never leak between requests of
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .sampling import apply_repetition_penalty
@@ -23,74 +25,78 @@ from .sampling import apply_repetition_penalty
 TEXT, IMAGE_CODES, AUDIO_CODES, IMAGE_END, AUDIO_END = range(5)
 
 
+@functools.lru_cache(maxsize=16)
+def _allowed(cfg_key: tuple, device) -> torch.Tensor:
+    """(5, V) bool: the ids each controller state may emit, built once per discrete layout."""
+    (
+        text_vocab,
+        image_offset,
+        audio_offset,
+        V,
+        image_start,
+        image_end,
+        audio_start,
+        audio_end,
+        has_image,
+        has_audio,
+    ) = cfg_key
+    allowed = torch.zeros(5, V, dtype=torch.bool)
+    allowed[TEXT, :text_vocab] = True
+    allowed[TEXT, [image_end, audio_end]] = False  # no closing a span that is not open
+    if not has_image:
+        allowed[TEXT, image_start] = False
+    if not has_audio:
+        allowed[TEXT, audio_start] = False
+    allowed[IMAGE_CODES, image_offset:audio_offset] = True
+    allowed[AUDIO_CODES, audio_offset:V] = True
+    allowed[IMAGE_END, image_end] = True
+    allowed[AUDIO_END, audio_end] = True
+    return allowed.to(device)
+
+
 class SpanController:
-    """Masks logits (B, V) to what each row may emit next and advances on the sampled tokens.
+    """One request's span state machine: masks its logits (1, V) to what it may emit next and
+    advances on each sampled token. The state is two Python ints, so a step costs one masked_fill."""
 
-    Runs on the device without host syncs: the state is two (B,) tensors updated with torch.where.
-    """
-
-    def __init__(self, cfg, batch: int, device=None):
+    def __init__(self, cfg, batch: int = 1, device=None):
+        if batch != 1:
+            raise ValueError("a SpanController follows one request (the engine gives each its own)")
         self.cfg = cfg
-        V = cfg.vocab_size
-        allowed = torch.zeros(5, V, dtype=torch.bool)
-        allowed[TEXT, : cfg.text_vocab_size] = True
-        allowed[TEXT, [cfg.image_end_id, cfg.audio_end_id]] = False  # no closing a span that is not open
-        if not cfg.image_vocab_size:
-            allowed[TEXT, cfg.image_start_id] = False
-        if not cfg.audio_vocab_size:
-            allowed[TEXT, cfg.audio_start_id] = False
-        allowed[IMAGE_CODES, cfg.image_offset : cfg.audio_offset] = True
-        allowed[AUDIO_CODES, cfg.audio_offset : V] = True
-        allowed[IMAGE_END, cfg.image_end_id] = True
-        allowed[AUDIO_END, cfg.audio_end_id] = True
-        self.allowed = allowed.to(device)
-        self.state = torch.full((batch,), TEXT, dtype=torch.long, device=device)
-        self.left = torch.zeros(batch, dtype=torch.long, device=device)  # codes still to sample in the span
+        key = (cfg.text_vocab_size, cfg.image_offset, cfg.audio_offset, cfg.vocab_size, cfg.image_start_id,
+               cfg.image_end_id, cfg.audio_start_id, cfg.audio_end_id, bool(cfg.image_vocab_size),
+               bool(cfg.audio_vocab_size))  # fmt: skip
+        self.allowed = _allowed(key, torch.device(device) if device is not None else torch.device("cpu"))
+        self.state, self.left = TEXT, 0  # left: codes still to sample in the open span
 
     @classmethod
-    def from_prompt(cls, cfg, input_ids: torch.Tensor) -> SpanController:
-        """A controller whose rows start in the state the prompt leaves them in (a prompt may end inside
-        a span, e.g. with `<|image_start|>` to ask for an image)."""
-        ctl = cls(cfg, input_ids.shape[0], input_ids.device)
-        states = []
-        for ids in input_ids.tolist():  # one host read, then plain Python over the prompt
-            state, left = TEXT, 0
-            for token in ids:
-                state, left = _next_state(cfg, state, left, token)
-            states.append((state, left))
-        ctl.state = torch.tensor([s for s, _ in states], dtype=torch.long, device=input_ids.device)
-        ctl.left = torch.tensor([n for _, n in states], dtype=torch.long, device=input_ids.device)
-        ctl.prompt_states = states  # host copy: lets the loop see a whole-image generation up front
+    def from_prompt(cls, cfg, input_ids) -> SpanController:
+        """A controller in the state its prompt (a list, or a (1, T) tensor) leaves it in: a prompt may
+        end inside a span, e.g. with `<|image_start|>` to ask for an image."""
+        device = input_ids.device if torch.is_tensor(input_ids) else None
+        ids = input_ids.tolist() if torch.is_tensor(input_ids) else list(input_ids)
+        if ids and isinstance(ids[0], list):
+            (ids,) = ids
+        ctl = cls(cfg, 1, device)
+        for token in ids:
+            ctl.state, ctl.left = _next_state(cfg, ctl.state, ctl.left, token)
         return ctl
 
     @property
-    def in_image(self) -> torch.Tensor:
-        """(B,) rows sampling image codes now."""
+    def in_image(self) -> bool:
+        """Sampling image codes now."""
         return self.state == IMAGE_CODES
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) with every id the row may not emit next set to -inf."""
+        """Logits (1, V) with every id the request may not emit next set to -inf."""
         return logits.masked_fill(~self.allowed[self.state], float("-inf"))
 
-    def update(self, token: torch.Tensor):
-        """Advance every row by its sampled token (B,)."""
-        cfg = self.cfg
-        state, left = self.state, self.left
-        in_codes = (state == IMAGE_CODES) | (state == AUDIO_CODES)
-        left = torch.where(in_codes, left - 1, left)
-        nxt = torch.where(in_codes & (left == 0), state + 2, state)  # codes done -> force the end marker
-        nxt = torch.where((state == IMAGE_END) | (state == AUDIO_END), torch.full_like(state, TEXT), nxt)
-        opens_image = (state == TEXT) & (token == cfg.image_start_id) & (cfg.tokens_per_image > 0)
-        opens_audio = (state == TEXT) & (token == cfg.audio_start_id) & (cfg.tokens_per_audio > 0)
-        nxt = torch.where(opens_image, torch.full_like(state, IMAGE_CODES), nxt)
-        nxt = torch.where(opens_audio, torch.full_like(state, AUDIO_CODES), nxt)
-        left = torch.where(opens_image, torch.full_like(left, cfg.tokens_per_image), left)
-        left = torch.where(opens_audio, torch.full_like(left, cfg.tokens_per_audio), left)
-        self.state, self.left = nxt, left
+    def update(self, token):
+        """Advance by the sampled token (an int or a one-element tensor)."""
+        self.state, self.left = _next_state(self.cfg, self.state, self.left, int(token))
 
 
 def _next_state(cfg, state: int, left: int, token: int) -> tuple[int, int]:
-    """The scalar transition SpanController.update vectorizes (used to replay a prompt)."""
+    """One step of the span state machine: (state, codes left) after `token`."""
     if state in (IMAGE_CODES, AUDIO_CODES):
         left -= 1
         return (state + 2, 0) if left == 0 else (state, left)

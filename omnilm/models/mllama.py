@@ -6,8 +6,9 @@ Layout and names follow transformers' MllamaForConditionalGeneration in its Hub 
 `multi_modal_projector.*`), so conversion is the identity. Layer N is a self-attention `Block`
 (omnilm/models/decoder.py) unless N is in `cross_attention.layers`, where it is a
 `CrossAttentionBlock`; only the self-attention layers have a KV cache. The image keys/values are
-computed once at prefill and kept in the cache object (`MllamaCache.cross`), so decode steps, which
-see only the text model, reuse them.
+computed once per request and reused by every decode step: the generation engine asks for them with
+`request_state(ids, **media)`, keeps them with the request and hands them back to each forward as
+`request_states` (a static-cache caller keeps them in `MllamaCache.cross`).
 """
 
 from __future__ import annotations
@@ -185,16 +186,26 @@ class MllamaModel(OmniModel):
             self.vision_model = build_vision_tower(ca.vision)
             width = ca.vision.feature_dim
         self.multi_modal_projector = nn.Linear(width, cfg.decoder.hidden_size, bias=True)
-        # Per-request image state for the engine's paged cache (see _engine_state): states made by
-        # embed() wait under their embeddings' storage, then live under the request's first KV slot.
-        self._embedded: dict[int, tuple[CrossAttentionState | None, int]] = {}
-        self._requests: dict[tuple[int, int], dict] = {}  # (engine, first slot) -> state, prompt length
-        self._decode_batch: dict[int, tuple] = {}  # engine -> its decode rows and their batched state
-        self._engines: set[int] = set()
+        self._decode_states: tuple = (
+            (),
+            None,
+        )  # (weak refs to the rows' states, batched): reused while they stay
+
+    @property
+    def num_kv_layers(self) -> int:
+        """Only the self-attention layers keep keys/values of the text."""
+        return len(self.language_model.model.cache_slot)
 
     # ---- fusion -----------------------------------------------------------------------------------
 
-    def embed(
+    def embed(self, input_ids, pixel_values=None, input_features=None, **image_inputs):
+        """Token embeddings (B, T, D): <|image|> is an ordinary token here; the images reach the
+        decoder through cross-attention (request_state), not through the embeddings."""
+        if input_features is not None:
+            raise ConfigError("this model has no audio encoder, but audio inputs were given")
+        return self.language_model.model.embed_tokens(input_ids)
+
+    def request_state(
         self,
         input_ids,
         pixel_values=None,
@@ -202,30 +213,23 @@ class MllamaModel(OmniModel):
         aspect_ratio_ids=None,
         aspect_ratio_mask=None,
         cross_attention_mask=None,
-    ):
-        """Token embeddings (B, T, D): <|image|> is an ordinary token here. The images go through the
-        vision encoder now, once per request, into the cross-attention state the engine's prefill and
-        decode forwards then use (they pass embeddings and cache slots, not media)."""
+    ) -> CrossAttentionState | None:
+        """A request's images through the vision encoder into every cross-attention layer's k/v and
+        the mask rules of its prompt: once per request (the engine keeps it). None without images."""
         if input_features is not None:
             raise ConfigError("this model has no audio encoder, but audio inputs were given")
-        embeds = self.language_model.model.embed_tokens(input_ids)
-        state = None
-        if pixel_values is not None:
-            if pixel_values.shape[0] != input_ids.shape[0]:
-                # e.g. the engine prefilling prompts of which only some have images together: it
-                # then redoes them one at a time
-                raise ConfigError(
-                    f"pixel_values: {pixel_values.shape[0]} rows for {input_ids.shape[0]} prompts; "
-                    "expected (B, N_images, ...), one row per prompt"
-                )
-            state = self.cross_attention_state(
-                pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
+        if pixel_values is None:
+            return None
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ConfigError(
+                f"pixel_values: {pixel_values.shape[0]} rows for {input_ids.shape[0]} prompts; "
+                "expected (B, N_images, ...), one row per prompt"
             )
-            _check_mask_rows(state, input_ids.shape[1])
-            self._embedded[embeds.untyped_storage().data_ptr()] = (state, input_ids.shape[1])
-            while len(self._embedded) > 64:  # embed() called outside the engine: drop the oldest
-                self._embedded.pop(next(iter(self._embedded)))
-        return embeds
+        state = self.cross_attention_state(
+            pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask
+        )
+        _check_mask_rows(state, input_ids.shape[1])
+        return state
 
     def cross_attention_state(
         self, pixel_values, aspect_ratio_ids, aspect_ratio_mask=None, cross_attention_mask=None
@@ -279,7 +283,9 @@ class MllamaModel(OmniModel):
         aspect_ratio_mask=None,
         cross_attention_mask=None,
         cross_attention_state: CrossAttentionState | None = None,
+        request_states: list | None = None,
     ):
+        """request_states (from the engine): each row's request_state, in row order."""
         self._check_inputs(input_ids, attention_mask, None, input_features, inputs_embeds, cache)
         if input_features is not None:
             raise ConfigError("this model has no audio encoder, but audio inputs were given")
@@ -294,8 +300,8 @@ class MllamaModel(OmniModel):
             if state is not None or cache_position is None or int(cache_position[0]) == 0:
                 # a prefill: decode steps see the prompt's last row of the mask rules
                 cache.cross = None if state is None else state.last_row()
-        elif cache is not None and state is None:
-            state = self._engine_state(cache, inputs_embeds, cache_position)
+        elif request_states is not None and state is None:
+            state = self._rows_state(request_states, inputs_embeds is not None, cache_position)
         logits = self.language_model(
             input_ids if inputs_embeds is None else None,
             inputs_embeds,
@@ -310,57 +316,25 @@ class MllamaModel(OmniModel):
         loss = next_token_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
-    def _engine_state(self, cache, inputs_embeds, cache_position) -> CrossAttentionState | None:
-        """The cross-attention state of the rows of an engine forward (omnilm/generation/engine.py).
-
-        The engine's paged cache view names each row's KV pages; a request's first page is its
-        identity while it runs (pages shared by prefix caching belong to text-only requests, whose
-        state is None). A prefill (embeddings from embed(): whole prompts of one length, or
-        one prompt's chunk) claims at its first token the state embed() made, one row per request,
-        and reads its rows of the mask; a decode step (one token per row) batches the states of its
-        rows, reused while the running set stays the same. States of requests that left the decode
-        batch are dropped.
-        TODO(engine hook): a per-request state the engine keeps (model.request_state(media) at
-        admission, handed back per row at prefill/decode) would replace this bookkeeping.
-        """
-        view = cache.layers[0]
-        engine = view.k.data_ptr()  # the engine's KV store: slots of different engines differ
-        if engine not in self._engines:  # when the engine's KV store is freed, so are its states
-            self._engines.add(engine)
-            weakref.finalize(view.k, self._forget_engine, engine)
-        # the first KV page (or slot) each row reads: the request's identity while it runs
-        table = view.read_pages if hasattr(view, "read_pages") else view.read_slots
-        keys = [(engine, first) for first in table[:, 0].tolist()]
-        if inputs_embeds is not None:  # a prefill: whole prompts of one length, or a chunk of one
-            start, end = int(cache_position[0]), int(cache_position[-1]) + 1
-            if start == 0:
-                ptr = inputs_embeds.untyped_storage().data_ptr()
-                state, T = self._embedded.pop(ptr, (None, inputs_embeds.shape[1]))
-                for b, key in enumerate(keys):
-                    row = None if state is None else state.rows(slice(b, b + 1))
-                    self._requests[key] = dict(state=row, T=T, done=end >= T)
-                return None if state is None else state_rows(state, start, end)
-            entry = self._requests.get(keys[0])  # a later chunk (batch 1)
-            if entry is None:
-                return None
-            entry["done"] = end >= entry["T"]
-            return None if entry["state"] is None else state_rows(entry["state"], start, end)
-        for key in [
-            k for k, e in list(self._requests.items()) if k[0] == engine and e["done"] and k not in keys
-        ]:
-            del self._requests[key]  # finished or cancelled: its pages may serve another request now
-        entries = [self._requests.get(k) for k in keys]
-        cached = self._decode_batch.get(engine)  # (keys, entries, state): entries held, compared by identity
-        if cached is None or cached[0] != keys or any(a is not b for a, b in zip(cached[1], entries)):
-            states = [None if e is None or e["state"] is None else e["state"].last_row() for e in entries]
-            cached = self._decode_batch[engine] = (keys, entries, batch_states(states))
-        return cached[2]
-
-    def _forget_engine(self, engine: int):
-        self._engines.discard(engine)
-        self._decode_batch.pop(engine, None)
-        for key in [k for k in list(self._requests) if k[0] == engine]:
-            self._requests.pop(key, None)
+    def _rows_state(self, states: list, prefill: bool, cache_position) -> CrossAttentionState | None:
+        """The batched cross-attention state of an engine forward's rows. A prefill (one request, or
+        text-only prompts together) takes its tokens' rows of the mask rules; a decode step (one
+        token per row) the rules of each prompt's last token, batched once and reused while the
+        running requests stay the same."""
+        if prefill:
+            if len(states) == 1 and states[0] is not None:
+                start, end = int(cache_position[0]), int(cache_position[-1]) + 1
+                return state_rows(states[0], start, end)
+            return batch_states([None] * len(states))  # None: no row has images
+        held, batched = self._decode_states  # weak references: finished requests' states go
+        same = len(held) == len(states) and all(
+            (r is None and s is None) or (r is not None and s is not None and r() is s)
+            for r, s in zip(held, states)
+        )  # a dead reference is no match for a row without images
+        if not same:
+            batched = batch_states([None if s is None else s.last_row() for s in states])
+            self._decode_states = (tuple(None if s is None else weakref.ref(s) for s in states), batched)
+        return batched
 
 
 def _check_mask_rows(state: CrossAttentionState, T: int):

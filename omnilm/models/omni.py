@@ -200,11 +200,12 @@ class OmniModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.lm_head.weight.dtype
+        # the final norm's weight: never quantized, unlike the head or the embeddings may be
+        return self.language_model.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.lm_head.weight.device
+        return self.language_model.model.norm.weight.device
 
     # generate/stream/save_pretrained run in the layers above (the engine, the converters), which
     # models/ does not import: omnilm/__init__.py registers them in omnilm/hooks.py.

@@ -12,11 +12,14 @@ placeholders per window, in order.
 
 from __future__ import annotations
 
+import contextlib
 import io
-import json
 import math
+import os
 import struct
+import sys
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,11 @@ from ..errors import ConfigError, MediaError
 
 MAX_BYTES = 256 * 1024**2  # 256 MiB of encoded audio (~25 min of 16-bit stereo 44.1 kHz WAV)
 MAX_SECONDS = 600.0  # 10 min: 20 Whisper windows, 7500 decoder tokens at 375 per window
+MAX_SAMPLE_RATE = 768_000  # the highest rate real hardware records; headers can claim 2^31-1
+MIN_SAMPLE_RATE = 1_000
+MAX_CHANNELS = 64
+MAX_DECODED_BYTES = 1024**3  # float32 frames x channels before the mixdown
+MAX_RESAMPLE_FACTOR = 1000  # bounds the polyphase filter's length and cost
 _MPEG_FRAME = 1152  # samples per MPEG-1 Layer III frame; the header's length of an MP3 is only this exact
 
 
@@ -56,8 +64,9 @@ def load_audio(
             f"{sf.__libsndfile_version__}; supported: {', '.join(supported_formats())}"
         )
     try:
-        info = sf.info(io.BytesIO(data))  # header only
-    except (sf.LibsndfileError, RuntimeError) as e:
+        with _quiet_stderr(data):
+            info = sf.info(io.BytesIO(data))  # header only
+    except (sf.LibsndfileError, RuntimeError, ValueError, OverflowError) as e:
         raise MediaError(
             f"{name}: not a decodable audio file (expected {', '.join(supported_formats())}): {_reason(e)}"
         ) from None
@@ -67,16 +76,33 @@ def load_audio(
         )
     if info.frames <= 0 or info.samplerate <= 0 or info.channels <= 0:
         raise MediaError(f"{name}: empty audio (no samples)")
+    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:
+        raise MediaError(
+            f"{name}: sample rate {info.samplerate} Hz in the header is outside "
+            f"[{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}] Hz"
+        )
+    if info.channels > MAX_CHANNELS:
+        raise MediaError(
+            f"{name}: {info.channels} channels in the header exceeds the limit of {MAX_CHANNELS}"
+        )
     seconds = info.frames / info.samplerate
     if seconds > max_seconds:
         raise MediaError(f"{name}: {seconds:.1f} s of audio exceeds the limit of {max_seconds:g} s")
+    decoded = info.frames * info.channels * 4
+    if decoded > MAX_DECODED_BYTES:
+        raise MediaError(
+            f"{name}: {info.frames} frames x {info.channels} channels would decode to {decoded} bytes, "
+            f"over the limit of {MAX_DECODED_BYTES} bytes"
+        )
     if info.format in ("WAV", "WAVEX"):
         _check_wav_complete(name, data)
-    try:
-        wav, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (frames, channels)
-    except (sf.LibsndfileError, RuntimeError) as e:
-        raise MediaError(f"{name}: audio data is truncated or corrupt: {_reason(e)}") from None
     slack = 2 * _MPEG_FRAME if info.format == "MP3" else 0
+    try:
+        # frames capped at the header's count: a header that under-reports cannot grow the decode
+        with _quiet_stderr(data):
+            wav, rate = sf.read(io.BytesIO(data), frames=info.frames + slack, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, OverflowError, MemoryError) as e:
+        raise MediaError(f"{name}: audio data is truncated or corrupt: {_reason(e)}") from None
     if wav.shape[0] == 0 or wav.shape[0] < info.frames - slack:
         raise MediaError(
             f"{name}: audio data is truncated: the header promises {info.frames} frames, "
@@ -88,6 +114,30 @@ def load_audio(
     return resample(mono, rate, target_rate)
 
 
+@contextlib.contextmanager
+def _quiet_stderr(data: bytes):
+    """libmpg123 prints its complaints about a bad MP3 straight to file descriptor 2, ahead of the one
+    `error:` line; silence that descriptor while MPEG data is decoded (the MediaError says what failed)."""
+    mpeg = data[:3] == b"ID3" or (len(data) >= 2 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
+    if not mpeg:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real descriptor 2 (embedded interpreters)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def resample(wav: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     """Band-limited polyphase resampling (Kaiser-windowed FIR at the lower Nyquist rate)."""
     if rate == target_rate:
@@ -95,7 +145,13 @@ def resample(wav: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     from scipy.signal import resample_poly  # imported here: scipy.signal costs ~1 s of CPU to import
 
     g = math.gcd(int(rate), int(target_rate))
-    out = resample_poly(wav.astype(np.float64), target_rate // g, rate // g)
+    up, down = target_rate // g, rate // g
+    if max(up, down) > MAX_RESAMPLE_FACTOR:
+        # an odd rate (e.g. 44101 Hz) gives a filter of ~20 x max(up, down) taps and as many MACs per
+        # sample; the nearest ratio with small terms is off by < 1e-6 of the pitch
+        ratio = Fraction(up, down).limit_denominator(MAX_RESAMPLE_FACTOR)
+        up, down = ratio.numerator, ratio.denominator
+    out = resample_poly(wav.astype(np.float64), up, down)
     return out.astype(np.float32)
 
 
@@ -230,10 +286,9 @@ class AudioProcessor:
         f = Path(path) / "preprocessor_config.json" if Path(path).is_dir() else Path(path)
         if not f.is_file():
             raise ConfigError(f"{f}: no preprocessor_config.json")
-        try:
-            return cls.from_dict(json.loads(f.read_text()), audio_config)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{f}: not valid JSON ({e})") from None
+        from ..convert.validate import read_json
+
+        return cls.from_dict(read_json(f, error=ConfigError), audio_config)
 
     @classmethod
     def from_config(cls, cfg: AudioConfig) -> AudioProcessor:

@@ -10,10 +10,16 @@ anything is decoded. Every failure a file can cause is a MediaError naming the f
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
+import re
+import time
+import warnings
 import zlib
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -22,6 +28,12 @@ from ..errors import MediaError
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 MAX_PDF_PAGES = 200
 MAX_EMBEDDED_IMAGE_PIXELS = 4096 * 4096
+MAX_PDF_TOTAL_PIXELS = 4 * 4096 * 4096  # all embedded images of one PDF together (~200 MB as RGB)
+MAX_PDF_SECONDS = 20.0  # wall time to extract one PDF's text and images
+# A text document's tokens are at most its UTF-8 bytes (byte-level BPE), so this bounds the token count
+# before anything is tokenized: ~2M bytes is ~500k tokens, beyond every context served here.
+MAX_TEXT_BYTES = 2 * 1024 * 1024
+MAX_HTML_BYTES = 4 * 1024 * 1024  # markup in; its text out is bounded by MAX_TEXT_BYTES
 
 SUPPORTED_KINDS = (
     "PDF, images (PNG, JPEG, GIF, WebP, BMP), audio (WAV, FLAC, OGG, MP3), "
@@ -79,7 +91,7 @@ def sniff_kind(data: bytes, name: str = "") -> str:
         try:
             json.loads(text)
             return "json"
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested beyond the parser's stack
             pass
     return "text"
 
@@ -135,9 +147,17 @@ def load_document(
         return [("audio", passthrough)]
     if kind == "pdf":
         return load_pdf(data, name, max_pages=max_pages, max_image_pixels=max_image_pixels, password=password)
+    limit = MAX_HTML_BYTES if kind == "html" else MAX_TEXT_BYTES
+    if len(data) > limit:
+        raise MediaError(
+            f"{name}: {len(data)} bytes of {kind} is over the {limit}-byte limit for a text document "
+            f"(at most one token per byte)"
+        )
     text = _decode_text(data)
     if kind == "html":
         text = html_to_text(text)
+        if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+            raise MediaError(f"{name}: the text of this HTML is over the {MAX_TEXT_BYTES}-byte limit")
     return [("text", text)] if text.strip() else []
 
 
@@ -190,11 +210,25 @@ class _TextOnly(HTMLParser):
 
 
 def html_to_text(html: str) -> str:
+    # One regex pass, linear in the input: html.parser rescans unterminated tags, comments and quoted
+    # attributes from the start on every chunk (1,000,000 unterminated tags ran for minutes).
     parser = _TextOnly()
-    parser.feed(html)
-    parser.close()
+    for m in _HTML_TOKEN.finditer(html):
+        text, end, tag = m.group("text"), m.group("end"), m.group("tag")
+        if text is not None:
+            parser.handle_data(unescape(text))
+        elif tag is not None:
+            parser.handle_endtag(tag.lower()) if end else parser.handle_starttag(tag.lower(), [])
     lines = (" ".join(line.split()) for line in "".join(parser.chunks).splitlines())
     return "\n".join(line for line in lines if line)
+
+
+# a comment (or the rest of the file if unterminated), a tag whose attributes hold no '<' (an
+# unterminated tag ends at the next '<'), other markup (<!doctype>, <?xml?>), or a run of text
+_HTML_TOKEN = re.compile(
+    r"<!--(?:.*?-->|.*)|<(?P<end>/?)(?P<tag>[a-zA-Z][^\s/<>]*)[^<>]*>?|<[!?/][^<>]*>?|(?P<text>[^<]+|<)",
+    re.S,
+)
 
 
 # ---- PDF ------------------------------------------------------------------------------------------
@@ -209,6 +243,24 @@ def load_pdf(
     password: str | None = None,
 ) -> list[tuple[str, object]]:
     """Text and embedded images of a PDF, page by page, each image where the page draws it."""
+    # pypdf logs and warns about every oddity it repairs; the MediaError (if any) says what failed
+    with warnings.catch_warnings(), _quiet_logger("pypdf"):
+        warnings.simplefilter("ignore")
+        return _load_pdf(data, name, max_pages, max_image_pixels, password)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _load_pdf(data, name, max_pages, max_image_pixels, password):
     from pypdf import PdfReader
 
     # A cut-off download loses the trailer; pypdf would quietly rebuild what it can, so refuse here.
@@ -235,10 +287,32 @@ def load_pdf(
     if n_pages == 0:
         raise MediaError(f"{name}: PDF has no pages")
 
-    parts: list[tuple[str, object]] = []
+    total = 0  # all pages' image headers first: a document of many large images is refused undecoded
     for index in range(n_pages):
         try:
-            page_parts = _page_parts(reader.pages[index], max_image_pixels)
+            total += _declared_pixels(reader.pages[index], max_image_pixels)
+        except MediaError as e:
+            raise MediaError(f"{name}: page {index + 1}: {e}") from None
+        except Exception as e:
+            raise MediaError(f"{name}: corrupt PDF page {index + 1} ({type(e).__name__}: {e})") from None
+    if total > MAX_PDF_TOTAL_PIXELS:
+        raise MediaError(
+            f"{name}: embedded images declare {total} pixels in total, over the "
+            f"{MAX_PDF_TOTAL_PIXELS}-pixel limit for one document"
+        )
+    parts: list[tuple[str, object]] = []
+    budget = {"pixels": MAX_PDF_TOTAL_PIXELS, "deadline": time.monotonic() + MAX_PDF_SECONDS}
+    text_bytes = 0
+    for index in range(n_pages):
+        if time.monotonic() > budget["deadline"]:
+            raise MediaError(
+                f"{name}: extraction passed the {MAX_PDF_SECONDS:g}-second limit at page {index + 1}"
+            )
+        try:
+            page_parts = _page_parts(reader.pages[index], max_image_pixels, budget)
+            text_bytes += sum(len(v.encode("utf-8")) for k, v in page_parts if k == "text")
+            if text_bytes > MAX_TEXT_BYTES:
+                raise MediaError(f"its text is over the {MAX_TEXT_BYTES}-byte limit")
         except MediaError as e:
             raise MediaError(f"{name}: page {index + 1}: {e}") from None
         except Exception as e:
@@ -269,13 +343,30 @@ def _image_xobjects(page) -> dict[str, object]:
     return out
 
 
-def _page_parts(page, max_image_pixels: int) -> list[tuple[str, object]]:
+def _declared_pixels(page, max_image_pixels: int) -> int:
+    total = 0
+    for key, obj in _image_xobjects(page).items():
+        w, h = max(int(obj.get("/Width", 0)), 0), max(int(obj.get("/Height", 0)), 0)
+        if w * h > max_image_pixels:
+            raise MediaError(f"embedded image {key} is {w}x{h}, over the {max_image_pixels}-pixel limit")
+        total += w * h
+    return total
+
+
+def _page_parts(page, max_image_pixels: int, budget: dict | None = None) -> list[tuple[str, object]]:
     images = _image_xobjects(page)
-    # Check sizes from the XObject headers before decoding any pixels.
+    # Check sizes from the XObject headers before decoding any pixels: each image, and all of the
+    # document's images together (one image per page may be fine, 200 of them are not).
+    budget = budget if budget is not None else {"pixels": MAX_PDF_TOTAL_PIXELS, "deadline": float("inf")}
     for key, obj in images.items():
         w, h = int(obj.get("/Width", 0)), int(obj.get("/Height", 0))
         if w * h > max_image_pixels:
             raise MediaError(f"embedded image {key} is {w}x{h}, over the {max_image_pixels}-pixel limit")
+        budget["pixels"] -= max(w, 0) * max(h, 0)
+        if budget["pixels"] < 0:
+            raise MediaError(
+                f"embedded images exceed the {MAX_PDF_TOTAL_PIXELS}-pixel limit for one document in total"
+            )
 
     events: list[tuple[str, object]] = []
 
@@ -298,6 +389,8 @@ def _page_parts(page, max_image_pixels: int) -> list[tuple[str, object]]:
                 continue
             placed.add(value)
             parts.append(("image", _decode_image(images[value], value)))
+            if time.monotonic() > budget["deadline"]:
+                raise MediaError(f"extraction passed the {MAX_PDF_SECONDS:g}-second limit")
         else:
             parts.append((kind, value))
     # Images drawn only inside form XObjects go after the page text rather than being lost.

@@ -9,7 +9,6 @@ image's size is given in pixels and must fit `image_area` (the processor's confi
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -150,12 +149,14 @@ class Emu3Processor:
     def from_pretrained(cls, path) -> Emu3Processor:
         from ..convert.emu3 import vq_config_from_hf
         from ..convert.hf import read_config
+        from ..convert.validate import read_json
+        from ..errors import ConfigError
 
         path = Path(path)
         hf = read_config(path)
         pre = {}
         if (path / "preprocessor_config.json").is_file():
-            pre = json.loads((path / "preprocessor_config.json").read_text())
+            pre = read_json(path / "preprocessor_config.json", error=ConfigError)
         keys = ("spatial_factor", "min_pixels", "max_pixels", "image_mean", "image_std", "image_area")
         kw = {k: pre[k] for k in keys if k in pre}
         vq = vq_config_from_hf(hf.get("vq_config") or {})

@@ -11,7 +11,7 @@ numerically: PIL resize on the 8-bit image, rescale in float64 then float32, nor
 from __future__ import annotations
 
 import io
-import json
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,27 +33,38 @@ def load_image(src, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) ->
     Raises MediaError naming the file for a missing, oversized, truncated or non-image input.
     """
     name, data = _read_bytes(src, max_bytes)
-    try:
-        with warnings.catch_warnings():
-            # our own pixel budget below replaces Pillow's decompression-bomb warning
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    # Pillow warns (to stderr) about bombs, odd EXIF and palettes; the MediaError below says what failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
             img = Image.open(io.BytesIO(data), formats=FORMATS)  # header only: size known, nothing decoded
-    except Image.DecompressionBombError:
-        raise MediaError(f"{name}: image is larger than Pillow's decompression-bomb limit") from None
-    except Image.UnidentifiedImageError:  # its message names our BytesIO, not the file
-        raise MediaError(f"{name}: not an image in a supported format ({', '.join(FORMATS)})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise MediaError(f"{name}: not a decodable image ({', '.join(FORMATS)}): {e}") from None
-    w, h = img.size
-    if w * h > max_pixels:
-        raise MediaError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels")
-    try:
-        img.seek(0)  # GIF / animated WebP: the first frame
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow reports truncation as OSError
-        raise MediaError(f"{name}: image data is truncated or corrupt: {e}") from None
+        except Image.DecompressionBombError:
+            raise MediaError(f"{name}: image is larger than Pillow's decompression-bomb limit") from None
+        except Image.UnidentifiedImageError:  # its message names our BytesIO, not the file
+            raise MediaError(f"{name}: not an image in a supported format ({', '.join(FORMATS)})") from None
+        except _DECODE_ERRORS as e:
+            raise MediaError(f"{name}: not a decodable image ({', '.join(FORMATS)}): {e}") from None
+        w, h = img.size
+        if w * h > max_pixels:
+            raise MediaError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels")
+        if w <= 0 or h <= 0:
+            raise MediaError(f"{name}: image header gives an empty size {w}x{h}")
+        try:
+            img.seek(0)  # GIF / animated WebP: the first frame
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.width * img.height > max_pixels:  # EXIF cannot grow it, but check what is returned
+                raise MediaError(f"{name}: {img.width}x{img.height} exceeds the limit of {max_pixels} pixels")
+            return to_rgb(img)
+        except Image.DecompressionBombError:
+            raise MediaError(f"{name}: image is larger than Pillow's decompression-bomb limit") from None
+        except _DECODE_ERRORS as e:  # Pillow reports truncation as OSError, bad tables in many ways
+            raise MediaError(f"{name}: image data is truncated or corrupt: {type(e).__name__}: {e}") from None
+
+
+# what Pillow's decoders raise on malformed data (struct.error, IndexError, ... from its plugins)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, TypeError,
+                  ZeroDivisionError, AttributeError, OverflowError)  # fmt: skip
 
 
 def _read_bytes(src, max_bytes: int) -> tuple[str, bytes]:
@@ -170,10 +181,9 @@ class ImageProcessor:
         f = Path(path) / "preprocessor_config.json" if Path(path).is_dir() else Path(path)
         if not f.is_file():
             raise ConfigError(f"{f}: no preprocessor_config.json")
-        try:
-            return cls.from_dict(json.loads(f.read_text()))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{f}: not valid JSON ({e})") from None
+        from ..convert.validate import read_json
+
+        return cls.from_dict(read_json(f, error=ConfigError))
 
     def to_dict(self) -> dict:
         """The preprocessor_config.json fields transformers reads back."""

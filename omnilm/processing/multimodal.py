@@ -368,10 +368,9 @@ def _as_list(x) -> list:
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    from ..convert.validate import read_json
+
+    return read_json(path, error=ConfigError)  # bounded: a pickle, non-UTF-8 or deep file is a ConfigError
 
 
 def _model_config(path: Path):

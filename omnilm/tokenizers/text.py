@@ -103,10 +103,9 @@ class TextTokenizer:
         config = {}
         cfg_file = path / "tokenizer_config.json"
         if cfg_file.is_file():
-            try:
-                config = json.loads(cfg_file.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{cfg_file} is not valid JSON: {e}") from None
+            from ..convert.validate import read_json
+
+            config = read_json(cfg_file, error=ConfigError)
         return cls.from_file(path / "tokenizer.json", config)
 
     @classmethod
@@ -157,7 +156,7 @@ class TextTokenizer:
         def name(tok_id):
             return None if tok_id is None else self.id_to_token(tok_id)
 
-        out = {
+        return {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": name(self.bos_token_id),
             "eos_token": name(self.eos_token_id),
@@ -168,22 +167,13 @@ class TextTokenizer:
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000,
         }
-        # vLLM's chat endpoint refuses a model without a template; transformers' processors (LLaVA's)
-        # read the media tokens as `tokenizer.image_token`, which extra_special_tokens declares.
-        template = chat_template(self)
-        if template is not None:
-            out["chat_template"] = template
-        extra = {k: out[k] for k in ("image_token", "audio_token") if out[k] is not None}
-        if extra:
-            out["extra_special_tokens"] = extra
-        return out
 
     def __repr__(self):
         return f"TextTokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
 
 
-# omnilm.tokenizers.chat.render_chat as the Jinja template transformers' apply_chat_template and vLLM's chat endpoint render:
-# string content is stripped, list content is its text parts plus one marker per medium.
+# chat.render_chat as the Jinja template transformers' apply_chat_template and vLLM's chat endpoint
+# render: string content is stripped, list content is its text parts plus one marker per medium.
 _CHAT_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- for message in messages -%}"

@@ -22,8 +22,9 @@ from PIL import Image
 from ..config import AudioCodecConfig, ImageVQConfig
 from ..convert.codec import load_codec, save_codec
 from ..errors import ConfigError, MediaError
-from ..models.vq.codec import AudioCodec, synth_tones, train_audio_codec
-from ..models.vq.image_vqvae import ImageVQVAE, train_image_vq
+from ..models.vq.codec import AudioCodec
+from ..models.vq.image_vqvae import ImageVQVAE
+from ..training.codec import synth_tones, train_audio_codec, train_image_vq
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}

@@ -82,8 +82,11 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # linear leaf names
+    quantize_base: str | None = None  # QLoRA: the frozen base stored as "nf4" or "int4"
 
     def __post_init__(self):
+        if self.quantize_base not in (None, "nf4", "int4"):
+            raise ConfigError(f"lora.quantize_base must be 'nf4' or 'int4', got {self.quantize_base!r}")
         if self.rank < 1:
             raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:

@@ -54,14 +54,16 @@ def read_jsonl(path) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"training data not found: {path}")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for n, line in enumerate(_utf8_lines(f, path), 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except RecursionError:  # the C parser recurses per nesting level
+                raise ConfigError(f"{path}:{n}: JSON nested too deep") from None
             if not isinstance(rec, dict) or ("text" in rec) == ("messages" in rec):
                 raise ConfigError(f'{path}:{n}: expected an object with exactly one of "text" or "messages"')
             if "text" in rec and not isinstance(rec["text"], str):
@@ -141,6 +143,13 @@ def _resolve_media_paths(messages, base_dir: Path):
             message = {**message, "content": parts}
         out.append(message)
     return out
+
+
+def _utf8_lines(f, path):
+    try:
+        yield from f
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
 
 
 def load_samples(path, tokenizer, processor=None) -> list[Sample]:

@@ -22,11 +22,12 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from ..config import PRESETS
-from ..errors import ConfigError, OmniLMError
+from ..errors import ConfigError
 from ..models.loss import next_token_loss
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_train_config
 from .data import IGNORE, ResumableLoader, load_samples, pack
+from .guard import NonFiniteGuard
 from .optim import build_optimizer, build_scheduler, freeze
 
 # dense bf16 peak of the GPUs MFU is reported for (vendor datasheets, without sparsity)
@@ -152,9 +153,13 @@ class Trainer:
 
         freeze(model, cfg.freeze)
         if cfg.lora is not None:
-            from .lora import apply_lora
+            from .lora import apply_lora, apply_qlora
 
-            apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+            lora = cfg.lora
+            if lora.quantize_base:  # QLoRA: adapters over a frozen 4-bit base
+                apply_qlora(model, lora.rank, lora.alpha, lora.dropout, lora.targets, lora.quantize_base)
+            else:
+                apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.targets)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.compile:
@@ -172,7 +177,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.steps)
         self.step = 0
         if resume:
-            ckpt = latest_checkpoint(self.out / "checkpoints")
+            ckpt = latest_checkpoint(self.out / "checkpoints", log=self.log)
             if ckpt is None:
                 self.log(f"no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
             else:
@@ -230,7 +235,7 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         loss_f, norm_f = float(loss), float(grad_norm)
-        if math.isfinite(loss_f) and math.isfinite(norm_f):
+        if NonFiniteGuard.finite(loss_f, norm_f):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # skipped steps keep their place in the schedule
@@ -251,7 +256,8 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=stop, initial=self.step, desc="train", dynamic_ncols=True)
-        history, bad_streak = [], 0
+        history = []
+        guard = NonFiniteGuard(cfg.max_bad_steps, "training", log=self.log)
         tokens_per_step = cfg.batch_size * cfg.data.seq_len
         try:
             while self.step < stop:
@@ -262,7 +268,7 @@ class Trainer:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 self.step += 1
-                skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+                skipped = not guard.finite(loss, grad_norm)
                 rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": tokens_per_step / dt, "skipped": skipped}  # fmt: skip
                 if self.peak is not None:
@@ -280,20 +286,12 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if skipped:
-                    bad_streak += 1
-                    self.log(
-                        f"step {self.step}: non-finite loss {loss} or grad norm {grad_norm}; update skipped"
-                    )
-                    if bad_streak >= cfg.max_bad_steps:
-                        last = latest_checkpoint(ckpt_root)
-                        raise OmniLMError(
-                            f"{bad_streak} non-finite steps in a row (last: step {self.step}, loss {loss}, grad norm "
-                            f"{grad_norm}); stopped without saving. Last good checkpoint: {last or 'none'}. "
-                            "Lower optim.lr, check the data, or raise max_bad_steps."
-                        )
+                hint = ""
+                if skipped and guard.streak + 1 >= cfg.max_bad_steps:  # about to stop: name the fallback
+                    last = latest_checkpoint(ckpt_root)
+                    hint = f"Nothing saved; last good checkpoint: {last or 'none'}. Or raise max_bad_steps. "
+                if not guard.observe(self.step, loss, grad_norm, hint):
                     continue
-                bad_streak = 0
                 if self.step == stop or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save()
         finally:

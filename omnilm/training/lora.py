@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from ..convert.validate import read_json, read_safetensors
 from ..errors import CheckpointError, ConfigError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -202,12 +203,12 @@ def load_adapter(model: nn.Module, path) -> list[str]:
     for f in (cfg_file, weights_file):
         if not f.is_file():
             raise CheckpointError(f"{f}: missing (expected a PEFT adapter directory)")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_json(cfg_file)
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora"):
         raise CheckpointError(f"{cfg_file}: only plain LoRA adapters are supported")
     pairs = [(dst, src) for src, dst in _peft_prefixes(getattr(model, "hf_format", "llama"))]
     weights = {}
-    for key, value in load_file(weights_file).items():
+    for key, value in read_safetensors(weights_file).items():
         key = key.replace(".default.", ".")  # files written with the adapter name left in
         weights[_rename(key, pairs)] = value
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in weights if is_lora_key(k)})
@@ -227,3 +228,111 @@ def load_adapter(model: nn.Module, path) -> list[str]:
         with torch.no_grad():
             param.copy_(value)
     return modules
+
+
+# ---- QLoRA: adapters over a frozen 4-bit base -------------------------------------------------------------
+
+QUANTIZED_BASES = ("nf4", "int4")
+
+
+class _FrozenQuantLinear(torch.autograd.Function):
+    """y = x W^T with W dequantized in forward and again in backward, so no layer's dense weight is
+    kept alive between the two (what makes the 4-bit base cheaper than a 16-bit one while training)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return F.linear(x, module.base_weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.module.base_weight(grad.dtype), None
+
+
+class QLoRALinear(LoRALinear):
+    """LoRALinear whose frozen base weight is stored in 4 bits: NF4 (`weight_nf4`, `weight_absmax`, blocks
+    of 64) or the int4 scheme of omnilm.quant (`weight_packed`, `weight_scale`, groups of 64 or 32).
+    The adapter (lora_A, lora_B) trains in the base's original dtype."""
+
+    def __init__(self, lora: LoRALinear, quantize_base: str = "nf4"):
+        nn.Module.__init__(self)  # takes over `lora`'s adapter; only the base weight changes form
+        self.in_features, self.out_features = lora.in_features, lora.out_features
+        self.bias, self.lora_A, self.lora_B, self.dropout = lora.bias, lora.lora_A, lora.lora_B, lora.dropout
+        self.rank, self.alpha, self.scaling, self.merged = lora.rank, lora.alpha, lora.scaling, False
+        w = lora.weight.detach()
+        self.quantize_base, self.weight_shape = quantize_base, tuple(w.shape)
+        if quantize_base == "nf4":
+            from ..quant.nf4 import quantize_nf4
+
+            packed, absmax = quantize_nf4(w)
+            self.register_buffer("weight_nf4", packed)
+            self.register_buffer("weight_absmax", absmax)
+        elif quantize_base == "int4":
+            from ..quant.formats import get_scheme, quantize_weight
+
+            k = w.shape[1]
+            group = next((g for g in (64, 32) if k % g == 0), None)
+            if group is None:
+                raise ConfigError(f"lora.quantize_base int4: input width {k} is not divisible by 32")
+            self.scheme = get_scheme("int4", group)
+            t = quantize_weight(self.scheme, w)
+            self.register_buffer("weight_packed", t["weight_packed"])
+            self.register_buffer("weight_scale", t["weight_scale"])
+        else:
+            raise ConfigError(f"lora.quantize_base {quantize_base!r}: expected one of {QUANTIZED_BASES}")
+        self.base_dtype = w.dtype
+
+    def base_weight(self, dtype=None) -> torch.Tensor:
+        dtype = dtype or self.base_dtype
+        if self.quantize_base == "nf4":
+            from ..quant.nf4 import dequantize_nf4
+
+            return dequantize_nf4(self.weight_nf4, self.weight_absmax, self.weight_shape, dtype)
+        from ..quant.formats import dequantize_weight
+
+        return dequantize_weight(
+            self.scheme, {n: getattr(self, n) for n in ("weight_packed", "weight_scale")}, dtype
+        )
+
+    def forward(self, x):
+        out = _FrozenQuantLinear.apply(x, self)
+        if self.bias is not None:
+            out = out + self.bias
+        return out + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def merge(self):
+        raise ConfigError("QLoRA: the base is quantized; load the adapter onto the unquantized base to merge")
+
+    def base_keys(self) -> tuple[str, ...]:
+        return (
+            ("weight_nf4", "weight_absmax")
+            if self.quantize_base == "nf4"
+            else ("weight_packed", "weight_scale")
+        )
+
+
+def apply_qlora(
+    model: nn.Module, rank=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS, quantize_base="nf4"
+):
+    """apply_lora, then the wrapped bases stored in 4 bits (frozen). Returns the wrapped module names."""
+    if quantize_base not in QUANTIZED_BASES:
+        raise ConfigError(f"lora.quantize_base {quantize_base!r}: expected one of {QUANTIZED_BASES}")
+    names = apply_lora(model, rank, alpha, dropout, targets)
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, QLoRALinear(getattr(parent, leaf), quantize_base))
+    model.lora_config["quantize_base"] = quantize_base
+    return names
+
+
+def dense_base_state(model: nn.Module, state: dict) -> dict:
+    """A (full) state dict with each QLoRA base's 4-bit tensors replaced by its dequantized `weight`, so
+    the base saves as an ordinary checkpoint."""
+    state = dict(state)
+    for name, m in lora_modules(model).items():
+        if isinstance(m, QLoRALinear):
+            for key in m.base_keys():
+                state.pop(f"{name}.{key}", None)
+            state[f"{name}.weight"] = m.base_weight(torch.float32).cpu()
+    return state

@@ -1,8 +1,9 @@
-"""Discrete tokenizers' networks: the image VQ-VAE, the audio codec, and the EnCodec port."""
+"""Discrete tokenizers' networks: the image VQ-VAE, the audio codec, and the EnCodec port (their
+training loops are in omnilm/training/codec.py)."""
 
-from .codec import AudioCodec, train_audio_codec
+from .codec import AudioCodec
 from .encodec import EncodecCodec
-from .image_vqvae import ImageVQVAE, train_image_vq
+from .image_vqvae import ImageVQVAE
 from .quantizers import ResidualVQ, VectorQuantizer
 
 __all__ = [
@@ -11,6 +12,4 @@ __all__ = [
     "ImageVQVAE",
     "ResidualVQ",
     "VectorQuantizer",
-    "train_audio_codec",
-    "train_image_vq",
 ]

@@ -8,7 +8,6 @@ row-major as image tokens.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -130,66 +129,3 @@ class ImageVQVAE(nn.Module):
             0, 3, 1, 2
         )  # (B, code_dim, h, w)
         return self.decoder(z).clamp(-1, 1)
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB for images in [-1, 1] (peak-to-peak 2)."""
-    mse = F.mse_loss(x.float(), y.float()).item()
-    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
-
-
-@torch.no_grad()
-def evaluate_image_vq(model: ImageVQVAE, images: torch.Tensor, batch_size: int = 256) -> dict:
-    """Reconstruction PSNR through the codes, and the share of the codebook the images use."""
-    recons, used = [], set()
-    for i in range(0, len(images), batch_size):
-        codes = model.encode(images[i : i + batch_size])
-        used.update(codes.unique().tolist())
-        recons.append(model.decode(codes).cpu())
-    return {
-        "psnr": psnr(torch.cat(recons), images.cpu()),
-        "codebook_usage": 100.0 * len(used) / model.config.codebook_size,
-    }
-
-
-def train_image_vq(
-    images: torch.Tensor,
-    cfg: ImageVQConfig,
-    steps: int = 500,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    seed: int = 0,
-    device=None,
-    log_every: int = 0,
-    model: ImageVQVAE | None = None,
-):
-    """Train a VQ-VAE on images (N, C, H, W) in [-1, 1]; returns (model, metrics).
-
-    metrics: psnr (dB, through the codes, on the training images), codebook_usage (%), loss, seconds.
-    """
-    if images.dim() != 4 or images.shape[1] != cfg.in_channels:
-        raise MediaError(f"expected training images [N, {cfg.in_channels}, H, W], got {tuple(images.shape)}")
-    torch.manual_seed(seed)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = (model or ImageVQVAE(cfg)).to(device).train()
-    images = images.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    start, loss = time.time(), torch.tensor(float("nan"))
-    for step in range(steps):
-        idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=gen)
-        out = model(images[idx.to(device)])
-        loss = out.loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(
-                f"step {step:5d}  loss {loss.item():.4f}  recon {out.recon_loss.item():.4f}  usage {out.usage:.1%}"
-            )
-    model.eval()
-    metrics = evaluate_image_vq(model, images)
-    metrics.update(loss=float(loss.item()), seconds=time.time() - start, steps=steps)
-    return model, metrics

@@ -1,0 +1,204 @@
+"""Serving under concurrent clients: `omnilm serve` against `transformers serve` on one checkpoint.
+
+    python benchmarks/bench_serve.py [--model DIR] [--clients 1 4 16 64] [--max-tokens 32] [--device cpu]
+
+Without --model a small random Llama (transformers' LlamaForCausalLM, OmniLM's tokenizer and a Llama-3
+shaped chat template) is written to a temporary directory, so both servers read the same files.
+Each level starts `clients` streaming chat requests at once (each client `--requests` in a row) and
+reports completion tokens/s over the level's wall time (tokens from the usage chunk), p50/p99 time to
+first token and of each request's mean inter-token latency. A server that does not start (transformers serve needs its extras) is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+def make_checkpoint(out: Path, hidden=256, layers=4) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from omnilm.tokenizers.text import ASSET_DIR
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # away from init, so the output is not one repeated token
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(out)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(ASSET_DIR / "tokenizer.json"), bos_token="<|begin_of_text|>",
+                                  eos_token="<|end_of_text|>", pad_token="<|pad|>")  # fmt: skip
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd, port, timeout=180):
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    # the log goes to a file: a pipe nobody reads fills up and stalls a chatty server mid-run
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    import httpx
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            log.seek(0)
+            return proc, f"exited: {log.read()[-300:]}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc, None
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return proc, "did not answer /health"
+
+
+async def one_request(client, url, model, max_tokens, prompt):
+    import httpx
+
+    try:
+        return await _one_request(client, url, model, max_tokens, prompt)
+    except httpx.HTTPError:  # a dropped connection counts as a failed request
+        return None
+
+
+async def _one_request(client, url, model, max_tokens, prompt):
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    t0 = time.perf_counter()
+    stamps, usage = [], None
+    async with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            return None
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            for c in chunk.get("choices", []):
+                if (c.get("delta") or {}).get("content"):
+                    stamps.append(time.perf_counter())
+    if not stamps:
+        return {"tokens": 0, "ttft": None, "itl": None}
+    # A server may send several tokens in one chunk: count tokens by the usage chunk when there is one,
+    # and take inter-token latency per request, (last chunk - first chunk) / (tokens - 1).
+    tokens = (usage or {}).get("completion_tokens") or len(stamps)
+    itl = (stamps[-1] - stamps[0]) / (tokens - 1) if tokens > 1 else None
+    return {"tokens": tokens, "ttft": stamps[0] - t0, "itl": itl}
+
+
+async def level(base, model, clients, requests, max_tokens):
+    import httpx
+
+    url = base + "/v1/chat/completions"
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def worker(i):
+            return [await one_request(client, url, model, max_tokens, f"tell me a story number {i}-{k}")
+                    for k in range(requests)]  # fmt: skip
+
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(i) for i in range(clients))) for r in rs]
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r is not None]
+    tokens = sum(r["tokens"] for r in ok)
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    itl = [r["itl"] for r in ok if r["itl"] is not None]
+    pct = lambda xs, q: float(np.percentile(xs, q)) * 1000 if xs else float("nan")  # noqa: E731
+    return {"tok_s": tokens / wall, "ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99), "itl50": pct(itl, 50),
+            "itl99": pct(itl, 99), "failed": len(results) - len(ok)}  # fmt: skip
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--requests", type=int, default=1, help="requests per client, one after another")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-batch", type=int, default=16, help="omnilm serve --max-batch")
+    ap.add_argument("--servers", nargs="+", default=["omnilm", "transformers"])
+    args = ap.parse_args()
+
+    tmp = tempfile.TemporaryDirectory()
+    model_dir = Path(args.model) if args.model else make_checkpoint(Path(tmp.name) / "llama")
+    exe = Path(sys.executable).parent
+    servers, procs = {}, []
+    try:
+        # Both servers up at once, levels interleaved (omnilm, transformers, next level): load from other
+        # jobs on the machine drifts, and interleaving spreads it over both alike. An idle server sleeps.
+        for name in args.servers:
+            port = free_port()
+            if name == "omnilm":
+                cmd = [sys.executable, "-m", "omnilm", "serve", "--model", str(model_dir), "--port", str(port),
+                       "--device", args.device, "--max-queue", "256", "--max-batch", str(args.max_batch)]  # fmt: skip
+                served = model_dir.name
+            else:
+                cmd = [str(exe / "transformers"), "serve", str(model_dir), "--port", str(port),
+                       "--continuous-batching", "--device", args.device]  # fmt: skip
+                served = str(model_dir)
+            proc, problem = start(cmd, port)
+            procs.append(proc)
+            if problem:
+                print(f"{name}: not measured ({problem.strip()})")
+                continue
+            servers[name] = (f"http://127.0.0.1:{port}", served)
+            asyncio.run(level(*servers[name], 1, 1, 4))  # warm-up
+        rows = []
+        for c in args.clients:
+            for name, (base, served) in servers.items():
+                r = asyncio.run(level(base, served, c, args.requests, args.max_tokens))
+                rows.append((name, c, r))
+                print(f"{name} clients={c}: {r}", flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+
+    print(
+        "\n| server | clients | completion tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | failed |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, c, r in rows:
+        print(f"| {name} | {c} | {r['tok_s']:.1f} | {r['ttft50']:.0f} | {r['ttft99']:.0f} | {r['itl50']:.1f} | "
+              f"{r['itl99']:.1f} | {r['failed']} |")  # fmt: skip
+    for c in args.clients:
+        got = {n: r["tok_s"] for n, cc, r in rows if cc == c}
+        if len(got) == 2 and got.get("transformers"):
+            print(f"clients={c}: omnilm / transformers = {got['omnilm'] / got['transformers']:.2f}x")
+    one = {n: r["tok_s"] for n, cc, r in rows if cc == 1}
+    for n, c, r in rows:
+        if c == 16 and one.get(n):
+            print(f"{n}: 16 clients / 1 client throughput = {r['tok_s'] / one[n]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

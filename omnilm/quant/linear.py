@@ -1,0 +1,231 @@
+"""QuantLinear and the module swap that puts it where nn.Linear was (gpt-fast / torchao style: the model
+code never changes).
+
+A QuantLinear holds exactly the tensors of its compressed-tensors file entry (formats.py), under the same
+names, so `state_dict()` is the file and loading is `load_state_dict(assign=True)`. fp8 tensors are
+kept as their uint8 bits in memory (a `.to(torch.bfloat16)` of the model must move them, never
+re-encode them) and viewed back as float8_e4m3fn in the state dict.
+
+Matmul paths (`QuantLinear.path` says which one ran last):
+- int8 on CPU: torch.ops.aten._weight_int8pack_mm (weight-only, per-channel scales);
+- int4 on CPU: _weight_int4pack_mm_for_cpu on a layout prepared once per device/dtype; on CUDA the
+  tinygemm kernel _weight_int4pack_mm (bf16);
+- fp8 on CUDA with compute capability >= 8.9: torch._scaled_mm with row-wise scales (activations
+  quantized per token on the fly);
+- everything else (fp8 on CPU, nvfp4, mxfp4, shapes a kernel refuses): the weight is dequantized on the
+  fly and multiplied in the activation dtype ("emulated"; FP4 tensor cores need Blackwell).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from .formats import FP8, Scheme, check_shape, dequantize_weight, get_scheme, quantize_weight, stored_shapes
+
+# the parts of a model whose linears are quantized by default; encoders only when asked
+DECODER_SCOPE = ("language_model.model.",)
+ENCODER_SCOPE = ("vision_tower.", "multi_modal_projector.", "audio_tower.", "audio_projector.")
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, scheme: Scheme, scale_dtype=None, device=None
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self._fp8_names = []
+        for name, (shape, dtype) in stored_shapes(
+            scheme, out_features, in_features, scale_dtype or torch.float32
+        ).items():
+            if dtype == FP8:
+                self._fp8_names.append(name)
+                dtype = torch.uint8
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._kernel_cache: dict = {}
+        self.path = None
+        self.register_state_dict_post_hook(_fp8_views)
+        self.register_load_state_dict_pre_hook(_from_file)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: Scheme) -> QuantLinear:
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, w.dtype, "meta")
+        for name, t in quantize_weight(scheme, w).items():
+            setattr(m, name, (t.view(torch.uint8) if t.dtype == FP8 else t).to(w.device))
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The tensors as the file holds them (fp8 where the format says fp8)."""
+        names = stored_shapes(self.scheme, self.out_features, self.in_features, torch.float32)
+        return {n: getattr(self, n).view(FP8) if n in self._fp8_names else getattr(self, n) for n in names}
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.scheme, self.stored(), dtype)
+
+    def _apply(self, fn, recurse=True):
+        self._kernel_cache = {}  # prepared layouts belong to the old device/dtype
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        y = None
+        if x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            name = self.scheme.name
+            if name == "int8" and x.device.type == "cpu":
+                scale = self.weight_scale.reshape(-1).to(x.dtype)
+                y, self.path = (
+                    torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, scale),
+                    "int8pack",
+                )
+            elif name == "int4":
+                y = self._int4(x2)
+            elif name == "fp8" and x.device.type == "cuda":
+                y = self._fp8_cuda(x2)
+        if y is None:
+            y, self.path = F.linear(x2, self.dequantize(x.dtype)), "dequantize"
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _int4(self, x2):
+        key = (x2.device, x2.dtype)
+        if key not in self._kernel_cache:
+            self._kernel_cache[key] = _prepare_int4(self, x2.device, x2.dtype)
+        prepared = self._kernel_cache[key]
+        if prepared is None:
+            return None
+        packed, scale_zeros = prepared
+        g = self.scheme.group_size
+        if x2.device.type == "cpu":
+            self.path = "int4pack_cpu"
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, g, scale_zeros)
+        self.path = "int4pack_tinygemm"
+        return torch.ops.aten._weight_int4pack_mm(x2.contiguous(), packed, g, scale_zeros)
+
+    def _fp8_cuda(self, x2):
+        if torch.cuda.get_device_capability(x2.device) < (8, 9) or x2.dtype != torch.bfloat16:
+            return None
+        x_scale = x2.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 448.0  # (M, 1) per token
+        xq = (x2.float() / x_scale).clamp(-448, 448).to(FP8)
+        w = self.weight.view(FP8)  # (N, K)
+        try:
+            y = torch._scaled_mm(
+                xq,
+                w.t(),
+                scale_a=x_scale,
+                scale_b=self.weight_scale.float().reshape(1, -1),
+                out_dtype=x2.dtype,
+            )
+        except RuntimeError:  # shapes the kernel refuses (dims not multiples of 16)
+            return None
+        self.path = "scaled_mm_fp8"
+        return y
+
+    def extra_repr(self):
+        g = f", group_size={self.scheme.group_size}" if self.scheme.group_size else ""
+        return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme.name}{g}"
+
+
+def _prepare_int4(m: QuantLinear, device, dtype):
+    """The kernel's weight layout and (K/G, N, 2) scales-and-zeros; None where the kernel refuses the shape.
+    tinygemm's zero point is in the float domain: w = (q - 8) * scale + zero, so zero = 0 here."""
+    n, k = m.out_features, m.in_features
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=device)
+    scale = m.weight_scale.to(device=device, dtype=dtype).t()  # (K/G, N)
+    scale_zeros = torch.stack((scale, torch.zeros_like(scale)), -1).contiguous()
+
+    def nibbles(rows: slice) -> torch.Tensor:
+        """(rows, K) int32 in [0, 15]: the stored nibbles are already q + 8."""
+        return ((m.weight_packed[rows].to(device)[..., None] >> shifts) & 0xF).reshape(-1, k)
+
+    try:
+        if device.type == "cpu":
+            # The CPU layout keeps blocks of 64 rows apart, so it is built 256 (or 64) rows at a time: a
+            # whole (N, K) int32 temporary per layer, freed into malloc's heap, would add hundreds of MB
+            # to the process's resident set at the 155M shape.
+            step = next((c for c in (256, 64) if n % c == 0), n)
+            convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+            packed = torch.cat([convert(nibbles(slice(i, i + step)), 2) for i in range(0, n, step)])
+        elif device.type == "cuda" and dtype == torch.bfloat16:
+            q = nibbles(slice(None))
+            packed = torch.ops.aten._convert_weight_to_int4pack(
+                (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8
+            )
+        else:
+            return None
+    except RuntimeError:
+        return None
+    return packed, scale_zeros
+
+
+def _fp8_views(module, state_dict, prefix, local_metadata):
+    for name in module._fp8_names:
+        state_dict[prefix + name] = state_dict[prefix + name].view(FP8)
+
+
+def _from_file(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """Check each stored tensor's dtype against the scheme (a wrong dtype is a broken file, not a cast)."""
+    expected = stored_shapes(module.scheme, module.out_features, module.in_features, torch.float32)
+    for name, (_, dtype) in expected.items():
+        key = prefix + name
+        if key not in state_dict:
+            continue  # load_strict reports missing keys by name
+        t = state_dict[key]
+        if dtype == torch.float32:  # a scale: any float dtype the writer chose
+            ok = t.is_floating_point() and t.dtype != FP8
+        else:
+            ok = t.dtype == dtype or (dtype == FP8 and t.dtype == torch.uint8)
+        if not ok:
+            raise CheckpointError(f"{key}: dtype {t.dtype}, expected {dtype} for {module.scheme.name}")
+        if name in module._fp8_names:
+            state_dict[key] = t.view(torch.uint8)
+
+
+def quantizable(model: nn.Module, encoders: bool = False) -> list[str]:
+    """Names of the nn.Linear modules the default swap quantizes: the decoder's (not the output head),
+    plus the encoders' and projectors' when asked."""
+    scope = DECODER_SCOPE + (ENCODER_SCOPE if encoders else ())
+    return [
+        name
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and any(name.startswith(s) for s in scope)
+    ]
+
+
+def quantize_model(
+    model: nn.Module,
+    scheme: str | Scheme = "int8",
+    group_size: int | None = None,
+    encoders: bool = False,
+    modules: list[str] | None = None,
+) -> list[str]:
+    """Swap nn.Linear modules for QuantLinear in place; returns the swapped names. Every shape is checked
+    before anything is swapped, so a refused model is left as it was."""
+    scheme = scheme if isinstance(scheme, Scheme) else get_scheme(scheme, group_size)
+    modules = quantizable(model, encoders) if modules is None else modules
+    if not modules:
+        raise ConfigError("quantize: the model has no nn.Linear layers to quantize")
+    for name in modules:
+        m = model.get_submodule(name)
+        if not isinstance(m, nn.Linear):
+            raise ConfigError(f"quantize: {name} is a {type(m).__name__}, not an nn.Linear")
+        check_shape(scheme, name, m.out_features, m.in_features)
+    for name in modules:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, QuantLinear.from_linear(getattr(parent, leaf), scheme))
+    return modules
+
+
+def quant_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -1,0 +1,68 @@
+"""`omnilm serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over the generation backend."""
+
+from __future__ import annotations
+
+
+def serve(model, host="127.0.0.1", port=8000, api_key=None, max_queue=64, max_batch=16, device=None,
+          dtype=None, allow_media_url=False, allow_local_media=None, drain_seconds=30.0):  # fmt: skip
+    """Run the server until SIGINT/SIGTERM; on SIGTERM in-flight requests get `drain_seconds` to finish.
+    A model that fails to load stops the server and raises its error (the CLI's one-line `error:`)."""
+    import uvicorn
+
+    from ..errors import OmniLMError
+    from .app import create_app
+
+    failure = []
+
+    def load():
+        from .backend import Backend  # imports torch: in the loading thread, after the socket is open
+
+        try:
+            backend = Backend.load(
+                model, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue
+            )
+        except Exception as e:
+            failure.append(e)
+            server.should_exit = True  # a server without its model is of no use
+            raise
+        print(f"omnilm serve: {name} ready", flush=True)
+        return backend
+
+    name = model if isinstance(model, str) and "/" not in model else str(model).rstrip("/").split("/")[-1]
+    app = create_app(load, api_key=api_key, allow_media_url=allow_media_url, allow_local_media=allow_local_media,
+                     model_name=name, load_on_startup=False)  # fmt: skip
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=drain_seconds
+    )
+    server = _server(config, app.state.omnilm)
+    server.run()
+    if failure:
+        e = failure[0]
+        raise (
+            e if isinstance(e, OmniLMError) else OmniLMError(f"cannot load {model}: {type(e).__name__}: {e}")
+        )
+
+
+def _server(config, state):
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            state.start_loading()  # the socket listens: /health answers 503 while the model loads
+            url = f"http://{config.host}:{config.port}"
+            print(
+                f"omnilm serve: {url}/ (web page), {url}/v1 (OpenAI API); loading {state.model_name}",
+                flush=True,
+            )
+
+        def handle_exit(self, sig, frame):
+            # uvicorn re-raises a caught SIGTERM after its graceful shutdown (exit status -15); a
+            # drained server exits 0 instead, so supervisors read a clean stop
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:
+                self._captured_signals.remove(sig)
+
+    return Server(config)
