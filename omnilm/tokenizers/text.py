@@ -278,10 +278,3 @@ def train_tokenizer(files, vocab_size: int, out_dir: str | os.PathLike) -> TextT
                 yield from fh
 
     return train_tokenizer_from_iterator(lines(), vocab_size, out_dir)
-
-
-def cmd_tokenizer_train(args) -> int:
-    """CLI: `omnilm tokenizer train --input FILES --vocab-size N --out DIR`."""
-    tok = train_tokenizer(args.input, args.vocab_size, args.out)
-    print(f"trained byte-level BPE: vocab {tok.vocab_size}, written to {args.out}")
-    return 0
