@@ -199,6 +199,25 @@ def build_llava(out: Path, dtype: str):
     return prompts
 
 
+def build_quantized(scheme: str):
+    """The hot Llama quantized by `omnilm.quant` (decoder linears) and written as a compressed-tensors
+    directory by save_quantized, the `omnilm quantize` path; OmniLM's tokens come from loading it back."""
+
+    def build(out: Path, dtype: str):
+        import omnilm
+        from omnilm.quant import quantize_model
+        from omnilm.quant.io import save_quantized
+
+        src = out.parent / f"{out.name}-src"
+        prompts = build_llama(src, "float32")
+        model = omnilm.load(src)
+        quantize_model(model, scheme)
+        save_quantized(model, out, source=src)
+        return prompts
+
+    return build
+
+
 class TransformersOnly(Exception):
     """vLLM cannot run this family at all; the row records transformers' check and the reason."""
 
@@ -278,11 +297,9 @@ FAMILIES = [
     Row("qwen2", "float32", build_qwen2),
     Row("mllama", "float32", build_mllama),
     Row("qwen2_audio", "float32", build_qwen2_audio),
-    Row(
-        "compressed-tensors",
-        "int8/fp8/int4",
-        not_on_this_branch("no compressed-tensors export on this branch (issue 13)"),
-    ),
+    Row("compressed-tensors", "int8", build_quantized("int8")),
+    Row("compressed-tensors", "fp8", build_quantized("fp8")),
+    Row("compressed-tensors", "int4", build_quantized("int4")),
 ]
 
 
@@ -382,7 +399,7 @@ def prepare(row: Row, work: Path) -> dict | None:
         chat_ids = None
     case = {
         "dir": str(out),
-        "dtype": row.dtype,
+        "dtype": row.dtype if row.dtype in ("float32", "bfloat16") else "float32",  # quantized: fp32 compute
         "prompts": prompts,
         "new_tokens": NEW_TOKENS,
         "chat_ids": chat_ids,
