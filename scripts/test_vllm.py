@@ -494,8 +494,10 @@ def serve(case_file: str) -> None:
 
 
 def _last_line(e: Exception) -> str:
-    text = f"{type(e).__name__}: {e}".strip().splitlines()
-    return text[-1][:200] if text else type(e).__name__
+    """The informative line of an exception (pydantic puts the reason on the line before its URL)."""
+    lines = [ln.strip() for ln in f"{type(e).__name__}: {e}".splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith("For further information")]
+    return lines[-1][:300] if lines else type(e).__name__
 
 
 def run_vllm(python: str, case_file: Path, log: Path) -> dict:
@@ -514,6 +516,9 @@ def run_vllm(python: str, case_file: Path, log: Path) -> dict:
     for line in lines:
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT ") :])
+    worker = [ln.split("] ")[-1].strip() for ln in lines if "NotImplementedError:" in ln]
+    if worker:  # a kernel the CPU build lacks, raised in vLLM's worker process
+        result.setdefault("notes", []).append(f"vLLM worker: {worker[-1][:200]}")
     if result.get("loads") != "yes":  # the root cause is in vLLM's log, not in the exception it raised
         causes = [ln.split("] ")[-1].strip() for ln in lines if "ModuleNotFoundError" in ln]
         if causes:
