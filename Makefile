@@ -54,7 +54,7 @@ test-vllm: setup $(VLLM_VENV)/.installed
 	$(PY) scripts/test_vllm.py --vllm-python $(VLLM_VENV)/bin/python --markdown runs/vllm-table.md
 
 demo: setup
-	$(VENV)/bin/omnilm demo
+	$(VENV)/bin/omnilm demo --train
 
 lint: setup
 	$(VENV)/bin/ruff check .

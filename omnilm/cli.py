@@ -37,12 +37,14 @@ def cmd_generate(args):
     _check_device(args.device)
     _check_output(args.output_image, "--output-image", _image_extensions(), ".png")
     _check_output(args.output_audio, "--output-audio", _audio_extensions(), ".wav")
+    _check_videos(args.video)
     dtype = args.dtype or ("bfloat16" if args.device and args.device.startswith("cuda") else None)
     with checking_weights(args.check_weights):
         pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
     if args.output_image and hasattr(pipe.processor, "generation_grid"):  # Emu3: its image grammar
         return _emu3_image(args, pipe)
-    prompt = pipe.encode(args.prompt, args.image, args.audio, args.file)
+    # a video reads like any file: its frames and sound go before the prompt
+    prompt = pipe.encode(args.prompt, args.image, args.audio, args.file + args.video)
     config = pipe.config(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -64,6 +66,17 @@ def cmd_generate(args):
         pipe.close()
     if args.output_image or args.output_audio:
         _write_media(out, args)
+
+
+def _check_videos(paths):
+    from .processing.documents import read_limited, sniff_kind
+    from .processing.video import MAX_VIDEO_BYTES
+
+    for path in paths:
+        data, name = read_limited(path, MAX_VIDEO_BYTES, "video")
+        kind = sniff_kind(data[:4096], name)
+        if kind != "video":
+            raise OmniLMError(f"--video {name}: not a video container (it reads as {kind}); use --file")
 
 
 def _emu3_image(args, pipe):
@@ -214,9 +227,9 @@ def cmd_train(args):
 
 
 def cmd_demo(args):
-    from .demo import cmd_demo as run
+    from .demo import demo_command
 
-    run(args)
+    demo_command(args.out, train=args.train, quick=args.quick, json_output=args.json, threads=args.threads)
 
 
 def cmd_tokenizer_train(args):
@@ -431,7 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FILE",
-        help="a document or media file: PDF, HTML, Markdown, CSV, JSON, text, image or audio (repeatable)",
+        help="a document or media file: PDF, XLSX, ODS, DOCX, ODT, PPTX, EPUB, HTML, Markdown, CSV, JSON, text, image, audio or video (repeatable)",
+    )
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="video file (MP4/MOV/WebM/MKV/AVI): frames at the processor's rate, with their sound",
     )
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=_non_negative, default=0.0, help="0 is greedy decoding")
@@ -572,10 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="train and evaluate the tiny multimodal demo model offline")
-    p.add_argument("--quick", action="store_true", help="a reduced run for tests")
+    p = sub.add_parser("demo", help="evaluate (or --train) the tiny multimodal demo model offline")
+    p.add_argument(
+        "--train", action="store_true", help="train from scratch (default: evaluate the bundled checkpoint)"
+    )
+    p.add_argument("--quick", action="store_true", help="a reduced training run for tests (implies --train)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory")
+    p.add_argument(
+        "--threads", type=_positive_int, default=None, help="intra-op threads (default: the usable cores)"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tokenizer", help="train tokenizers")

@@ -3,7 +3,8 @@
 `load_document(path_or_bytes)` returns parts such as
     [("text", "Invoice 42 ..."), ("image", <PIL.Image>), ("text", "... total 17")]
 PDF text comes out per page in content-stream order with each embedded image at the point where the
-page draws it; images and audio files are handed on (as their path or bytes) to their processors,
+page draws it; office documents and e-books come from office.py, videos (frames and sound) from
+video.py; images and audio files are handed on (as their path or bytes) to their processors,
 which apply their own limits. Limits on bytes, pages and embedded-image pixels are checked before
 anything is decoded. Every failure a file can cause is a MediaError naming the file.
 """
@@ -37,8 +38,10 @@ MAX_HTML_BYTES = 4 * 1024 * 1024  # markup in; its text out is bounded by MAX_TE
 
 SUPPORTED_KINDS = (
     "PDF, images (PNG, JPEG, GIF, WebP, BMP), audio (WAV, FLAC, OGG, MP3), "
-    "and UTF-8 text (plain, Markdown, CSV, JSON, HTML)"
+    "video (MP4, MOV, WebM, MKV, AVI), office documents (XLSX, ODS, DOCX, ODT, PPTX, EPUB), "
+    "and text (UTF-8, UTF-16 with a byte-order mark, Latin-1: plain, Markdown, CSV, JSON, HTML)"
 )
+OFFICE_KINDS = ("xlsx", "ods", "docx", "odt", "odp", "pptx", "epub")
 TEXT_EXTENSIONS = {
     ".md": "markdown",
     ".markdown": "markdown",
@@ -53,14 +56,29 @@ TEXT_EXTENSIONS = {
 
 
 def sniff_kind(data: bytes, name: str = "") -> str:
-    """The kind of a file from its bytes: pdf | image | audio | text | markdown | csv | json | html.
+    """The kind of a file from its bytes: pdf | image | audio | video | xlsx | ods | docx | odt | odp |
+    pptx | epub | text | markdown | csv | json | html.
 
-    Magic bytes decide binary kinds; the extension only picks the flavour of a file that is already
-    known to be UTF-8 text. Raises MediaError for anything else.
+    A byte-order mark, then magic bytes decide binary kinds (zip containers by the part names inside);
+    the extension only picks the flavour of a file that is already known to be text. Raises MediaError
+    for anything else.
     """
     head = data[:16]
     if data[:1024].lstrip().startswith(b"%PDF-"):
         return "pdf"
+    # A byte-order mark decides before any magic: UTF-16 LE text starts FF FE, which reads as an MPEG
+    # audio frame sync below.
+    bom_text = _decode_text(data) if data.startswith(_BOMS) else None
+    if bom_text is not None:
+        return _text_flavour(bom_text, name)
+    from .video import video_container
+
+    if video_container(head):
+        return "video"
+    if head.startswith(b"PK\x03\x04"):
+        from .office import sniff_zip
+
+        return sniff_zip(data, name)
     if (
         head.startswith(b"\x89PNG\r\n\x1a\n")
         or head.startswith(b"\xff\xd8\xff")
@@ -79,8 +97,12 @@ def sniff_kind(data: bytes, name: str = "") -> str:
     text = _decode_text(data)
     if text is None:
         raise MediaError(
-            f"{name or 'file'}: unsupported file kind (not a known binary format and not UTF-8 text); supported: {SUPPORTED_KINDS}"
+            f"{name or 'file'}: unsupported file kind (not a known binary format and not text); supported: {SUPPORTED_KINDS}"
         )
+    return _text_flavour(text, name)
+
+
+def _text_flavour(text: str, name: str) -> str:
     flavour = TEXT_EXTENSIONS.get(Path(name).suffix.lower()) if name else None
     if flavour:
         return flavour
@@ -96,13 +118,31 @@ def sniff_kind(data: bytes, name: str = "") -> str:
     return "text"
 
 
+_BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
+# C0 controls other than tab, newline, vertical tab, form feed, carriage return and escape, DEL, and the
+# C1 block: text has (almost) none of them, binary data has many
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f-\x9f]")
+
+
 def _decode_text(data: bytes) -> str | None:
-    if b"\x00" in data:  # NUL bytes: binary, even when they happen to be valid UTF-8
+    """Text of UTF-8 (BOM optional), UTF-16 with a BOM, or Latin-1, if at most 1 character in 1000 is a
+    control character (Latin-1 decodes every byte string; control bytes are valid UTF-8); else None."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            text = data.decode("utf-16")  # the BOM picks the byte order and is dropped
+        except UnicodeDecodeError:
+            return None
+    elif b"\x00" in data:  # NUL bytes: binary, even when they happen to be valid UTF-8
         return None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = data.decode("latin-1")
+    sample = text[:65536]
+    if len(_CONTROL.findall(sample)) * 1000 > len(sample):
         return None
+    return text
 
 
 # ---- entry point ----------------------------------------------------------------------------------
@@ -135,8 +175,11 @@ def load_document(
     max_pages: int = MAX_PDF_PAGES,
     max_image_pixels: int = MAX_EMBEDDED_IMAGE_PIXELS,
     password: str | None = None,
+    video: dict | None = None,
 ) -> list[tuple[str, object]]:
-    """Parts [("text", str) | ("image", PIL.Image | path | bytes) | ("audio", path | bytes)] of a file."""
+    """Parts [("text", str) | ("image", PIL.Image | path | bytes) | ("audio", path | bytes)] of a file.
+
+    video: options for load_video (fps, max_frames, audio_chunk_seconds, audio_rate)."""
     data, name = read_limited(source, max_bytes, "document")
     kind = sniff_kind(data, name)
     # Images and audio are decoded (with their own limits) by their processors, from the original source.
@@ -147,6 +190,14 @@ def load_document(
         return [("audio", passthrough)]
     if kind == "pdf":
         return load_pdf(data, name, max_pages=max_pages, max_image_pixels=max_image_pixels, password=password)
+    if kind == "video":
+        from .video import load_video
+
+        return load_video(None, data=data, name=name, **(video or {}))
+    if kind in OFFICE_KINDS:
+        from .office import load_office
+
+        return load_office(data, name, kind, max_image_pixels=max_image_pixels)
     limit = MAX_HTML_BYTES if kind == "html" else MAX_TEXT_BYTES
     if len(data) > limit:
         raise MediaError(
