@@ -141,6 +141,8 @@ class Trainer:
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
         tok = load_tokenizer(cfg, model.config.decoder.vocab_size)
+        # checkpoints' model/ carries the tokenizer the model was trained with
+        model.export_source = Path(tok.source).parent
         samples = load_samples(cfg.resolve(cfg.data.path), tok, load_processor(cfg, model, tok))
         rows = pack(samples, cfg.data.seq_len, cfg.data.pack, cfg.data.overflow)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
