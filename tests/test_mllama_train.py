@@ -5,6 +5,7 @@ tiled by the MllamaProcessor, cross-attention masks from the <|image|> positions
 a resumed run is bit-identical; packing such samples is refused."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,23 +16,14 @@ from omnilm.cli import main
 from omnilm.demo.digit_chats import write_digit_chats
 from omnilm.errors import ConfigError
 from omnilm.models.mllama import alignment_parameters
-from omnilm.training.config import train_config_from_dict
+from omnilm.training.config import load_train_config
 from omnilm.training.data import IGNORE, collate_rows, load_samples
 from omnilm.training.loop import Trainer, load_processor, load_tokenizer, train
 
 pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 
-# the alignment stage of a 2-layer Llama composed with --every 1 (cross-attention layers 1 and 3)
-FREEZE = [
-    "vision_model",
-    "language_model.model.embed_tokens",
-    "language_model.model.layers.0",
-    "language_model.model.layers.2",
-    "language_model.model.norm",
-    "language_model.lm_head",
-]
-GATES = {f"language_model.model.layers.{i}.cross_attn_{g}_gate": 0.1 for i in (1, 3) for g in ("attn", "mlp")}
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_mllama_align.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +41,12 @@ def parts(tmp_path_factory):
 
 
 def config(parts, **kw):
-    d = dict(
-        model=str(parts / "x"),
-        data=dict(path=str(parts / "data" / "train.jsonl"), seq_len=32, pack=False),
-        steps=60,
-        batch_size=16,
-        seed=0,
-        freeze=FREEZE,
-        optim=dict(lr=1e-2, warmup_steps=0, weight_decay=0.0, module_lr=GATES),
-    )
-    d.update(kw)
-    return train_config_from_dict(d)
+    """examples/train_mllama_align.yaml on the fixture's composed model and digits."""
+    cfg = load_train_config(EXAMPLE)
+    cfg.model, cfg.data.path = str(parts / "x"), str(parts / "data" / "train.jsonl")
+    for key, value in kw.items():
+        setattr(cfg, key, value)
+    return cfg
 
 
 def digit_accuracy(model, batch, tok) -> float:
@@ -156,6 +143,7 @@ def test_a_collated_row_equals_the_sample_alone(parts, tmp_path):
 
 
 def test_packing_cross_attention_samples_is_refused(parts, tmp_path):
-    cfg = config(parts, data=dict(path=str(parts / "data" / "train.jsonl"), seq_len=64, pack=True))
+    cfg = config(parts)
+    cfg.data.pack = True
     with pytest.raises(ConfigError, match="cannot share a row"):
         Trainer(cfg, tmp_path / "run", progress=False)
