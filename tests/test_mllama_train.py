@@ -17,7 +17,7 @@ from omnilm.demo.digit_chats import write_digit_chats
 from omnilm.errors import ConfigError
 from omnilm.models.mllama import alignment_parameters
 from omnilm.training.config import load_train_config
-from omnilm.training.data import IGNORE, collate_rows, load_samples
+from omnilm.training.data import IGNORE, collate_rows, load_samples, truncate
 from omnilm.training.loop import Trainer, load_processor, load_tokenizer, train
 
 pytest.importorskip("transformers")
@@ -108,9 +108,10 @@ def test_a_collated_row_equals_the_sample_alone(parts, tmp_path):
     the logits the processor's inputs give it alone."""
     img = parts / "data" / "test" / "0000.png"
     two = {"messages": [
-        {"role": "user", "content": [{"type": "image", "image": str(img)}, {"type": "text", "text": "and"},
-                                     {"type": "image", "image": str(parts / "data" / "test" / "0001.png")}]},
-        {"role": "assistant", "content": "7 1"}]}  # fmt: skip
+        {"role": "user", "content": [{"type": "image", "image": str(img)}, {"type": "text", "text": "this?"}]},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": [{"type": "image", "image": str(parts / "data" / "test" / "0001.png")}]},
+        {"role": "assistant", "content": "1"}]}  # fmt: skip
     one = {"messages": [
         {"role": "user", "content": [{"type": "text", "text": "look:"}, {"type": "image", "image": str(img)}]},
         {"role": "assistant", "content": "7"}]}  # fmt: skip
@@ -124,6 +125,9 @@ def test_a_collated_row_equals_the_sample_alone(parts, tmp_path):
     tok = load_tokenizer(cfg, model.config.decoder.vocab_size)
     proc = load_processor(cfg, model, tok)
     samples = load_samples(path, tok, proc)
+    cut = truncate(samples[0], samples[0].spans[1][0])  # the second <|image|> and what follows it go
+    assert len(cut.tiled.aspect_ratio_ids) == 1 and cut.tiled.cross_attention_mask.shape[:2] == (len(cut), 1)
+    assert torch.equal(cut.tiled.cross_attention_mask, samples[0].tiled.cross_attention_mask[: len(cut), :1])
     batch = collate_rows([[s] for s in samples], 40, 0)
     assert batch["aspect_ratio_ids"].tolist() == [[1, 1], [1, 0]]  # the second row's padding image
     batch.pop("labels")
