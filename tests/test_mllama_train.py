@@ -64,9 +64,10 @@ def digit_accuracy(model, batch, tok) -> float:
     return (digits[logits.argmax(-1)] == labels[rows, pos]).float().mean().item()
 
 
-def test_alignment_run_on_digits_moves_the_gates_and_the_answers(parts, tmp_path):
-    cfg = config(parts)
-    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+def alignment_run(parts, out, steps):
+    """Train examples/train_mllama_align.yaml for `steps`; returns (accuracy before, after, gates)."""
+    cfg = config(parts, steps=steps)
+    trainer = Trainer(cfg, out, progress=False)
     model = trainer.model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(alignment_parameters(omnilm.load(parts / "x")))  # the freeze = the recipe
@@ -83,11 +84,25 @@ def test_alignment_run_on_digits_moves_the_gates_and_the_answers(parts, tmp_path
     before = digit_accuracy(model, held_out, tok)
     history = trainer.train()
     after = digit_accuracy(model, held_out, tok)
-    # measured (seed 0, 60 steps of 16): gates 0 -> ~0.07 / -0.6, accuracy 0.105 -> 0.23 on 200 digits
-    assert all(abs(g.item()) > 0.01 for g in gates)
-    assert before <= 0.15 and after >= 0.2, (before, after)
     assert history[-1]["loss"] < history[0]["loss"]
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    return before, after, [g.item() for g in gates]
+
+
+def test_alignment_run_on_digits_moves_the_gates_and_the_answers(parts, tmp_path):
+    # measured (seed 0): gates 0 -> 0.33 / -1.15, accuracy 0.105 -> 0.34 on 200 held-out digits;
+    # other lrs (3e-3, 1e-2) at 120 steps reach 0.245 and 0.255
+    before, after, gates = alignment_run(parts, tmp_path / "run", steps=120)
+    assert all(abs(g) > 0.01 for g in gates)
+    assert before <= 0.15 and after >= 0.2, (before, after)
+
+
+@pytest.mark.slow
+def test_the_example_alignment_run(parts, tmp_path):
+    # measured (seed 0, 200 steps): accuracy 0.105 -> 0.415
+    before, after, gates = alignment_run(parts, tmp_path / "run", steps=200)
+    assert all(abs(g) > 0.01 for g in gates)
+    assert before <= 0.15 and after >= 0.3, (before, after)
 
 
 def test_resumed_alignment_run_is_bit_identical(parts, tmp_path):
