@@ -25,7 +25,7 @@ from ..config import PRESETS
 from ..errors import ConfigError
 from ..models.loss import next_token_loss
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig, load_train_config
+from .config import TrainConfig
 from .data import IGNORE, ResumableLoader, load_samples, pack
 from .guard import NonFiniteGuard
 from .optim import build_optimizer, build_scheduler, freeze
@@ -151,6 +151,8 @@ class Trainer:
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
         tok = load_tokenizer(cfg, model.config.decoder.vocab_size)
+        # checkpoints' model/ carries the tokenizer the model was trained with
+        model.export_source = Path(tok.source).parent
         samples = load_samples(cfg.resolve(cfg.data.path), tok, load_processor(cfg, model, tok))
         rows = pack(samples, cfg.data.seq_len, cfg.data.pack, cfg.data.overflow)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -337,15 +339,3 @@ def train(
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def cmd_train(args) -> int:
-    """`omnilm train --config FILE [--out DIR] [--max-steps N] [--resume]`."""
-    cfg = load_train_config(args.config)
-    out = Path(args.out or cfg.out)
-    history = train(cfg, out, max_steps=args.max_steps, resume=args.resume)
-    if history and (not dist.is_initialized() or dist.get_rank() == 0):
-        first, last = history[0], history[-1]
-        print(f"steps {first['step']}-{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
-              f"checkpoints in {out / 'checkpoints'}")  # fmt: skip
-    return 0
