@@ -71,7 +71,17 @@ def load_tokenizer(cfg: TrainConfig, vocab_size: int):
 
 def load_processor(cfg: TrainConfig, model, tokenizer):
     """The multimodal processor of a model with encoders (None for text-only models): the model
-    directory's own, or one built from the preset's config."""
+    directory's own, or one built from the preset's config. A cross-attention (Mllama) model's is
+    its directory's MllamaProcessor, sharing the training tokenizer."""
+    if getattr(model.config, "cross_attention", None) is not None:
+        if cfg.model in PRESETS:
+            raise ConfigError(
+                f"model {cfg.model!r}: a cross-attention preset has no image processor; train from a "
+                "model directory (e.g. one written by `omnilm compose --fusion cross-attention`)"
+            )
+        from ..api import load_processor as load_model_processor
+
+        return load_model_processor(cfg.resolve(cfg.model), tokenizer)
     if model.vision_tower is None and model.audio_tower is None:
         return None
     from ..processing.multimodal import Processor
