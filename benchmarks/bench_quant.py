@@ -6,10 +6,12 @@ against omnilm bf16 and transformers bf16 on the same weights), with weight byte
     python benchmarks/bench_quant.py --sections speed --tokens 32
     python benchmarks/bench_quant.py --device cuda        # fp8 via torch._scaled_mm, int4 via tinygemm
 
-Speed rows run one fresh process each (so peak RSS is that row's alone), loading the directory
-`omnilm quantize` wrote (bf16 scales and 16-bit embeddings/head) with mmap, generating --tokens new
-tokens greedily after an 8-token prompt; decode tok/s = (N - 1) / (time(N new) - time(1 new)), best of
---repeats. transformers runs LlamaForCausalLM.generate in bf16 on the same saved weights.
+Speed rows load the directory `omnilm quantize` wrote (bf16 scales; embeddings/head 16-bit unless the
+row says +head), generating --tokens new tokens greedily after an 8-token prompt; decode tok/s =
+(N - 1) / (time(N new) - time(1 new)). Peak RSS comes from one fresh process per row; tok/s from one
+process holding every row, timed in --rounds interleaved rounds (medians, min-max; ratios within a
+round). transformers runs LlamaForCausalLM.generate in bf16 on the same saved weights. w8a8: int8
+weights with dynamic per-token int8 activations through torch._int_mm.
 fp8/nvfp4/mxfp4 on CPU dequantize every weight on every step (emulated), so their speed rows only show
 what emulation costs; FP4 tensor cores need Blackwell.
 """
@@ -67,15 +69,17 @@ def section_sqnr(args) -> list[tuple]:
         model.float()
     dense = {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     rows = [("bf16 (no quantization)", "", f"{sqnr(ref, bf16):.1f}")]
-    for name in SCHEMES:
+    extra = {"int8+head": ("int8", dict(head=True)), "int4+head": ("int4", dict(head=True))}
+    extra["w8a8"] = ("int8", dict(activations="int8"))
+    for label, (name, kw) in {**{n: (n, {}) for n in SCHEMES}, **extra}.items():
         q = copy.deepcopy(model)
-        quantize_model(q, name, group_for(name, 1024))
+        quantize_model(q, name, group_for(name, 1024), **kw)
         mods = quant_modules(q)
         w = torch.cat([dense[n].flatten() for n in mods])
         w_hat = torch.cat([m.dequantize().flatten() for m in mods.values()])
         with torch.no_grad():
             logits = q(input_ids=ids).logits
-        label = name + (" (g128)" if name == "int4" else "")
+        label = label.replace("int4", "int4 (g128)")
         rows.append((label, f"{sqnr(w, w_hat):.1f}", f"{sqnr(ref, logits):.1f}"))
         del q
     return rows
@@ -184,83 +188,138 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(args):
-    """One speed row in its own process: load, warm up, time; prints one JSON line."""
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+def _load(kind, path, device):
+    """(model, gen(n)): greedy generation of exactly n new tokens after the fixed 8-token prompt."""
     ids = torch.randint(100, 32000, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
-    if args.worker == "transformers":
+    if kind == "transformers":
         from transformers import LlamaForCausalLM
 
-        model = LlamaForCausalLM.from_pretrained(args.dir, dtype=torch.bfloat16).to(device).eval()
+        model = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+        return model, lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    model = omnilm.load(path, device=str(device), dtype="bfloat16")
+    return model, lambda n: model.generate(ids, max_new_tokens=n)
 
-        def gen(n):
-            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    else:
-        model = omnilm.load(args.dir, device=args.device, dtype="bfloat16")
 
-        def gen(n):
-            return model.generate(ids, max_new_tokens=n)
+def _timed(gen, n, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.no_grad():
+        gen(n)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
-    def timed(n):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.no_grad():
-            gen(n)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
 
-    timed(4)
-    one = min(timed(1) for _ in range(args.repeats))
-    full = min(timed(args.tokens) for _ in range(args.repeats))
+def _decode_tok_s(gen, n, device):
+    return (n - 1) / (_timed(gen, n, device) - _timed(gen, 1, device))
+
+
+def worker(args):
+    """One row in its own process, for its peak RSS (and the matmul paths that ran): load, generate."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model, gen = _load(args.worker, args.dir, device)
+    _timed(gen, 4, device)
     paths = sorted({m.path for m in quant_modules(model).values()}) if args.worker != "transformers" else []
-    print(
-        json.dumps(
-            {
-                "tok_s": (args.tokens - 1) / (full - one),
-                "rss_mb": peak_rss_mb(),
-                "paths": paths,
-            }
-        )
-    )
+    print(json.dumps({"rss_mb": peak_rss_mb(), "paths": paths}))
+
+
+def interleaved(args):
+    """Every row loaded in this one process; each round times every row once, back to back (the order
+    rotates), so each ratio compares rows measured seconds apart under the same load."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = json.loads(args.dir)
+    gens = {}
+    for label, path in rows.items():
+        gens[label] = _load("transformers" if label.startswith("transformers") else "omnilm", path, device)[1]
+        _timed(gens[label], 4, device)
+    labels = list(rows)
+    out = {k: [] for k in labels}
+    for rnd in range(args.rounds):
+        for label in labels[rnd % len(labels) :] + labels[: rnd % len(labels)]:
+            out[label].append(_decode_tok_s(gens[label], args.tokens, device))
+        print("  round " + str(rnd + 1) + ": " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in out.items()),
+              file=sys.stderr, flush=True)  # fmt: skip
+    print(json.dumps(out))
+
+
+SPEED_SPECS = {  # label suffix -> quantize_model arguments (group size chosen for the 1024 width)
+    "int8": dict(scheme="int8"),
+    "int4": dict(scheme="int4"),
+    "int8+head": dict(scheme="int8", head=True),
+    "int4+head": dict(scheme="int4", head=True),
+    "w8a8": dict(scheme="int8", activations="int8"),
+    "w8a8+head": dict(scheme="int8", activations="int8", head=True),
+    "fp8": dict(scheme="fp8"),
+    "nvfp4": dict(scheme="nvfp4"),
+    "mxfp4": dict(scheme="mxfp4"),
+}
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def _spread(xs, fmt):
+    return f"{fmt.format(_median(xs))} ({fmt.format(min(xs))}-{fmt.format(max(xs))})"
 
 
 def section_speed(args, work: Path) -> list[tuple]:
+    """Peak RSS from one process per row; speed from one process holding every row, timed in --rounds
+    interleaved rounds (`interleaved`); ratios are taken within a round, reported as median (min-max)."""
     model = omnilm.build(config_155m(), seed=0)
     model.to(torch.bfloat16).save_pretrained(work / "bf16")
     dirs = {"transformers bf16": work / "bf16", "omnilm bf16": work / "bf16"}
     sizes = {k: tensor_bytes(work / "bf16" / "model.safetensors") for k in dirs}
-    for name in args.speed_schemes:
+    for spec in args.speed_schemes:
+        kw = dict(SPEED_SPECS[spec])
+        name = kw.pop("scheme")
         q = omnilm.load(work / "bf16")
-        quantize_model(q, name, group_for(name, 1024))
-        tensors, _ = save_quantized(q, work / name)
-        dirs[f"omnilm {name}"], sizes[f"omnilm {name}"] = work / name, tensors
+        quantize_model(q, name, group_for(name, 1024), **kw)
+        tensors, _ = save_quantized(q, work / spec)
+        dirs[f"omnilm {spec}"], sizes[f"omnilm {spec}"] = work / spec, tensors
         del q
-    rows, base, hf = [], None, None
-    for label, d in dirs.items():
+    labels = list(dirs)
+    info = {}
+    for label in labels:  # peak RSS: one process per row
         kind = "transformers" if label.startswith("transformers") else "omnilm"
-        cmd = [sys.executable, __file__, "--worker", kind, "--dir", str(d), "--tokens", str(args.tokens)]
-        cmd += ["--threads", str(args.threads), "--device", args.device, "--repeats", str(args.repeats)]
+        cmd = [sys.executable, __file__, "--worker", kind, "--dir", str(dirs[label])]
+        cmd += ["--threads", str(args.threads), "--device", args.device]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
-            rows.append((label, "failed: " + out.stderr.strip().splitlines()[-1], "", "", "", ""))
-            continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        if label == "omnilm bf16":
-            base = r["tok_s"]
-        if kind == "transformers":
-            hf = r["tok_s"]
+            raise SystemExit(f"{label}: " + out.stderr.strip().splitlines()[-1])
+        info[label] = json.loads(out.stdout.strip().splitlines()[-1])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "interleave",
+        "--dir",
+        json.dumps({k: str(v) for k, v in dirs.items()}),
+    ]
+    cmd += ["--tokens", str(args.tokens), "--threads", str(args.threads), "--device", args.device]
+    cmd += ["--rounds", str(args.rounds)]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # rounds print to our stderr
+    if out.returncode != 0:
+        raise SystemExit("interleaved timing failed")
+    tok = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = []
+    for label in labels:
+        vs_base = [t / b for t, b in zip(tok[label], tok["omnilm bf16"])]
+        vs_hf = [t / h for t, h in zip(tok[label], tok["transformers bf16"])]
         rows.append(
             (
                 label,
-                f"{r['tok_s']:.1f}",
-                f"{r['tok_s'] / base:.2f}x" if base else "",
-                f"{r['tok_s'] / hf:.2f}x" if hf else "",
+                _spread(tok[label], "{:.1f}"),
+                _spread(vs_base, "{:.2f}x") if label != "transformers bf16" else "",
+                _spread(vs_hf, "{:.2f}x") if label != "transformers bf16" else "",
                 f"{sizes[label] / 1e6:.0f}",
-                f"{r['rss_mb']:.0f}",
-                ", ".join(r["paths"]),
+                f"{info[label]['rss_mb']:.0f}",
+                ", ".join(info[label]["paths"]),
             )
         )
     return rows
@@ -277,11 +336,14 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sections", default="sqnr,demo,perplexity,speed")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per timed generation")
-    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
-        "--speed-schemes", default="int8,int4", help="comma list; fp8/nvfp4/mxfp4 are emulated on CPU"
+        "--speed-schemes",
+        default="int8,int4,int8+head,int4+head,w8a8,w8a8+head",
+        help=f"comma list of {', '.join(SPEED_SPECS)} (+head: the output head too; w8a8: int8 dynamic "
+        "activations); fp8/nvfp4/mxfp4 are emulated on CPU",
     )
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved speed rounds (medians reported)")
     ap.add_argument(
         "--demo-n", type=int, default=200, help="audio and PDF eval samples (draws: n/20 per digit)"
     )
@@ -290,12 +352,14 @@ def main():
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker == "interleave":
+        return interleaved(args)
     if args.worker:
         return worker(args)
     torch.set_num_threads(args.threads)
     args.speed_schemes = [s for s in args.speed_schemes.split(",") if s]
     if args.device.startswith("cuda"):
-        args.speed_schemes = sorted(set(args.speed_schemes) | {"fp8", "int4"}, key=SCHEMES.index)
+        args.speed_schemes += [s for s in ("fp8", "int4") if s not in args.speed_schemes]
     sections = args.sections.split(",")
     print(f"torch {torch.__version__}, {args.device}, {args.threads} thread(s)\n")
     with tempfile.TemporaryDirectory() as tmp:

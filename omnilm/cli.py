@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import OmniLMError
 
@@ -36,12 +37,14 @@ def cmd_generate(args):
     _check_device(args.device)
     _check_output(args.output_image, "--output-image", _image_extensions(), ".png")
     _check_output(args.output_audio, "--output-audio", _audio_extensions(), ".wav")
+    _check_videos(args.video)
     dtype = args.dtype or ("bfloat16" if args.device and args.device.startswith("cuda") else None)
     with checking_weights(args.check_weights):
         pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=dtype, tokenizer=args.tokenizer)
     if args.output_image and hasattr(pipe.processor, "generation_grid"):  # Emu3: its image grammar
         return _emu3_image(args, pipe)
-    prompt = pipe.encode(args.prompt, args.image, args.audio, args.file)
+    # a video reads like any file: its frames and sound go before the prompt
+    prompt = pipe.encode(args.prompt, args.image, args.audio, args.file + args.video)
     config = pipe.config(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -63,6 +66,17 @@ def cmd_generate(args):
         pipe.close()
     if args.output_image or args.output_audio:
         _write_media(out, args)
+
+
+def _check_videos(paths):
+    from .processing.documents import read_limited, sniff_kind
+    from .processing.video import MAX_VIDEO_BYTES
+
+    for path in paths:
+        data, name = read_limited(path, MAX_VIDEO_BYTES, "video")
+        kind = sniff_kind(data[:4096], name)
+        if kind != "video":
+            raise OmniLMError(f"--video {name}: not a video container (it reads as {kind}); use --file")
 
 
 def _emu3_image(args, pipe):
@@ -179,52 +193,75 @@ def cmd_quantize(args):
     scheme = get_scheme(args.scheme, args.group_size)  # refused before the weights load
     source = checkpoint_dir(resolve(args.model))
     model = load(source, dtype=args.dtype)
-    names = quantize_model(model, scheme, encoders=args.encoders)
+    names = quantize_model(
+        model,
+        scheme,
+        encoders=args.encoders,
+        head=args.include_head,
+        embeddings=args.include_embeddings,
+        activations=args.activations,
+    )
     tensors, files = save_quantized(model, args.out, source=source)
     print(
-        f"wrote {args.out} ({args.scheme}, {len(names)} linear layers, {tensors:,} B of tensors, {files:,} B of files)"
+        f"wrote {args.out} ({args.scheme}, {len(names)} layers, {tensors:,} B of tensors, {files:,} B of files)"
     )
 
 
 def cmd_eval(args):
-    from .eval import cmd_eval as run
+    from .eval import evaluate
 
-    run(args)
+    result, line = evaluate(args.model, text=args.text, tasks=args.tasks, quantize=args.quantize,
+                            context=args.context, stride=args.stride, max_new_tokens=args.max_new_tokens)  # fmt: skip
+    print(json.dumps(result) if args.json else line)
 
 
 def cmd_train(args):
+    import torch.distributed as dist
+
     from .threads import set_threads
-    from .training.loop import cmd_train as run
+    from .training.config import load_train_config
+    from .training.loop import train
 
     n, why = set_threads(args.threads)
     print(f"threads: {n} ({why})", flush=True)
-    run(args)
+    cfg = load_train_config(args.config)
+    out = Path(args.out or cfg.out)
+    history = train(cfg, out, max_steps=args.max_steps, resume=args.resume)
+    if history and (not dist.is_initialized() or dist.get_rank() == 0):
+        first, last = history[0], history[-1]
+        print(f"steps {first['step']}-{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
+              f"checkpoints in {out / 'checkpoints'}")  # fmt: skip
 
 
 def cmd_demo(args):
-    from .demo import cmd_demo as run
+    from .demo import demo_command
 
-    run(args)
+    demo_command(args.out, train=args.train, quick=args.quick, json_output=args.json, threads=args.threads)
 
 
 def cmd_tokenizer_train(args):
-    from .tokenizers.text import cmd_tokenizer_train as run
+    from .tokenizers.text import train_tokenizer
 
-    run(args)
+    tok = train_tokenizer(args.input, args.vocab_size, args.out)
+    print(f"trained byte-level BPE: vocab {tok.vocab_size}, written to {args.out}")
 
 
 def cmd_tokenizer_train_image(args):
-    from .tokenizers.vq import cmd_tokenizer_train_image as run
+    from .tokenizers.vq import train_image_tokenizer
 
     _check_device(args.device)
-    run(args)
+    train_image_tokenizer(args.out, args.steps, images=getattr(args, "images", None),
+                          image_size=getattr(args, "image_size", None), channels=getattr(args, "channels", None),
+                          codebook_size=getattr(args, "codebook_size", None), device=args.device)  # fmt: skip
 
 
 def cmd_tokenizer_train_audio(args):
-    from .tokenizers.vq import cmd_tokenizer_train_audio as run
+    from .tokenizers.vq import train_audio_tokenizer
 
     _check_device(args.device)
-    run(args)
+    train_audio_tokenizer(args.out, args.steps, audio=getattr(args, "audio", None),
+                          sample_rate=getattr(args, "sample_rate", None), channels=getattr(args, "channels", None),
+                          clips=getattr(args, "clips", None), device=args.device)  # fmt: skip
 
 
 def _check_device(name):
@@ -414,7 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FILE",
-        help="a document or media file: PDF, HTML, Markdown, CSV, JSON, text, image or audio (repeatable)",
+        help="a document or media file: PDF, XLSX, ODS, DOCX, ODT, PPTX, EPUB, HTML, Markdown, CSV, JSON, text, image, audio or video (repeatable)",
+    )
+    p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="video file (MP4/MOV/WebM/MKV/AVI): frames at the processor's rate, with their sound",
     )
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=_non_negative, default=0.0, help="0 is greedy decoding")
@@ -458,25 +502,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web chat page at /")
     p.add_argument("--model", required=True, help="model directory, or 'demo' for the bundled checkpoint")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=None, help="required on every route but /health (or OMNILM_API_KEY)")
     p.add_argument("--max-queue", type=_positive_int, default=64, help="waiting requests; more get 429")
-    p.add_argument("--max-batch", type=_positive_int, default=16)
+    p.add_argument("--max-batch", type=_positive_int, default=16, help="requests decoded together")
     p.add_argument("--allow-media-url", action="store_true", help="fetch http(s) image URLs")
     p.add_argument("--allow-local-media", default=None, metavar="DIR", help="read file:// media under DIR")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat in the terminal (/image, /audio, /file, /system, /reset, /save)")
     p.add_argument("--model", required=True, help="model directory, or 'demo' for the bundled checkpoint")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    p.add_argument("--temperature", type=_non_negative, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens per answer at most")
+    p.add_argument("--temperature", type=_non_negative, default=0.0, help="0 is greedy")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--media-dir", default=".", help="where generated images/audio are written")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("compose", help="build one multimodal checkpoint from pretrained parts")
@@ -520,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", required=True, help="int8, int4, fp8, nvfp4 or mxfp4")
     p.add_argument("--group-size", type=_positive_int, default=None, help="int4 group: 32, 64 or 128")
     p.add_argument("--encoders", action="store_true", help="quantize the vision/audio encoders too")
+    p.add_argument("--include-head", action="store_true", help="quantize the output head too (untied models)")
+    p.add_argument(
+        "--include-embeddings", action="store_true", help="quantize the token embeddings too (untied models)"
+    )
+    p.add_argument(
+        "--activations", choices=["int8"], default=None, help="int8: dynamic per-token int8 activations"
+    )
     p.add_argument("--dtype", default=None, help="dtype of the unquantized parts and the scales")
     p.add_argument("--out", required=True, help="output directory (written whole or not at all)")
     p.set_defaults(func=cmd_quantize)
@@ -555,10 +606,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="train and evaluate the tiny multimodal demo model offline")
-    p.add_argument("--quick", action="store_true", help="a reduced run for tests")
+    p = sub.add_parser("demo", help="evaluate (or --train) the tiny multimodal demo model offline")
+    p.add_argument(
+        "--train", action="store_true", help="train from scratch (default: evaluate the bundled checkpoint)"
+    )
+    p.add_argument("--quick", action="store_true", help="a reduced training run for tests (implies --train)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory")
+    p.add_argument(
+        "--threads", type=_positive_int, default=None, help="intra-op threads (default: the usable cores)"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tokenizer", help="train tokenizers")

@@ -671,6 +671,8 @@ LLAMA3_ROPE_8B = RopeScaling(
 
 def _tiny():
     # Tests and the CPU toy: small enough to train in seconds, vocab of the embedded default tokenizer.
+    # Its head_dim is 16 (64 / 4): transformers loads its exports, vLLM's CPU attention (head_dim >= 32)
+    # does not; a model meant to be served there needs head_dim 32+ (scripts/test_vllm.py uses 32).
     return ModelConfig(
         decoder=DecoderConfig(
             vocab_size=2048,

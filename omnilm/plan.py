@@ -17,9 +17,13 @@ Conventions, so the numbers can be checked by hand:
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
+from pathlib import Path
 
-from .config import ModelConfig, get_preset
+from .config import PRESETS, ModelConfig, config_to_dict, get_preset
 from .errors import ConfigError
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM dense bf16 peak, NVIDIA datasheet
@@ -28,8 +32,47 @@ DEFAULT_TRAIN_SEQ = 8192  # the 88B design's training sequence length; long-cont
 ADAMW_BYTES = {"weights": 4, "grads": 4, "adam_moments": 8}
 
 
-def count_params(cfg: ModelConfig) -> dict[str, int]:
+# Parameter counts and scheme bytes of every preset, computed by the functions below and stored so
+# that `omnilm plan --preset NAME` answers without importing torch (1-4 s on a 2-core machine).
+# Keyed by a fingerprint of the whole config, so an edited preset misses the cache and is counted
+# live; tests/test_plan.py recounts every preset and fails if this file is stale
+# (regenerate: python -c "import omnilm.plan as p; p.write_count_cache()").
+COUNT_CACHE = Path(__file__).parent / "assets" / "plan_counts.json"
+
+
+def fingerprint(cfg: ModelConfig) -> str:
+    text = json.dumps(config_to_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=1)
+def _count_cache() -> dict:
+    return json.loads(COUNT_CACHE.read_text()) if COUNT_CACHE.is_file() else {}
+
+
+def _cached(cfg: ModelConfig, what: str):
+    entry = _count_cache().get(fingerprint(cfg))
+    return None if entry is None else dict(entry[what])
+
+
+def write_count_cache():
+    entries = {}
+    for name in PRESETS:
+        cfg = get_preset(name)
+        entries[fingerprint(cfg)] = {
+            "preset": name,
+            "params": count_params(cfg, cached=False),
+            "schemes": scheme_bytes(cfg, cached=False),
+        }
+    COUNT_CACHE.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
+    _count_cache.cache_clear()
+
+
+def count_params(cfg: ModelConfig, cached: bool = True) -> dict[str, int]:
     """Exact parameter counts by group, from a model built on the meta device."""
+    hit = _cached(cfg, "params") if cached else None
+    if hit is not None:
+        return hit
     from .convert.hf import init_empty_weights
     from .models.builder import model_class
 
@@ -90,9 +133,12 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
-def scheme_bytes(cfg: ModelConfig, int4_group: int = 128) -> dict[str, int | None]:
+def scheme_bytes(cfg: ModelConfig, int4_group: int = 128, cached: bool = True) -> dict[str, int | None]:
     """Exact weight bytes per scheme as `omnilm quantize` writes them (None where a width does not
     divide the scheme's group)."""
+    hit = _cached(cfg, "schemes") if cached and int4_group == 128 else None
+    if hit is not None:
+        return hit
     import torch
     from torch import nn
 
@@ -110,7 +156,7 @@ def scheme_bytes(cfg: ModelConfig, int4_group: int = 128) -> dict[str, int | Non
         if id(p) not in seen and id(p) not in quantized_ids:
             seen.add(id(p))
             rest += 2 * p.numel()  # bf16
-    out: dict[str, int | None] = {"bf16": 2 * count_params(cfg)["total"]}
+    out: dict[str, int | None] = {"bf16": 2 * count_params(cfg, cached=cached)["total"]}
     for name in SCHEMES:
         scheme = get_scheme(name, int4_group if name == "int4" else None)
         try:

@@ -84,13 +84,15 @@ def quick_run(tmp_path_factory):
 
 def test_quick_demo_end_to_end(quick_run, capsys):
     out, main = quick_run
-    assert main(["demo", "--quick", "--json", "--out", str(out)]) == 0
+    # one thread: a fixed count keeps the figures repeatable, and on a busy machine two spin-wait
+    assert main(["demo", "--quick", "--json", "--threads", "1", "--out", str(out)]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(metrics) == {
         "image_to_text_acc",
         "audio_to_text_acc",
         "pdf_qa_acc",
         "text_to_image_acc",
+        "video_qa_acc",
         "train_seconds",
     }
     assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k != "train_seconds")
@@ -124,3 +126,92 @@ def test_quick_demo_end_to_end(quick_run, capsys):
     ids = model.generate(batch["input_ids"], input_features=batch["input_features"], max_new_tokens=7)
     answer = processor.tokenizer.decode(ids[0, batch["input_ids"].shape[1] :]).strip()
     assert answer.isdigit() and 3 <= len(answer) <= 5
+
+
+def test_video_and_sheet_samples_go_through_the_real_file_paths():
+    from omnilm.demo.data import VIDEO_PROMPT, TaskBuilder
+    from omnilm.demo.train import build_processor, code_offset, model_config
+    from omnilm.tokenizers.text import TextTokenizer
+
+    tok = TextTokenizer.default()
+    cfg = model_config(tok)
+    builder = TaskBuilder(build_processor(cfg, tok), code_offset(cfg))
+    train_x, train_y, _, _ = load_digits(seed=0)
+    rng = np.random.default_rng(0)
+    clips = builder.video_samples(train_x[:4], train_y[:4], rng)
+    for s, label in zip(clips, train_y[:4]):
+        # every 1 s clip at 2 frames/s gives one prompt: the training fast path reuses it
+        assert s.prompt == clips[0].prompt
+        text = tok.decode(s.prompt)
+        assert text.index("<t=0.0s>") < text.index("<t=0.5s>") < text.index(VIDEO_PROMPT)
+        assert s.prompt.count(cfg.image_token_id) == 2 * cfg.vision.tokens_per_image
+        assert s.prompt.count(cfg.audio_token_id) == cfg.audio.tokens_per_window
+        assert s.pixel_values.shape == (2, 3, 16, 16) and s.input_features.shape[0] == 1
+        digit, number = s.target.split()
+        assert digit == str(label) and number.isdigit() and tok.decode(s.answer) == s.target
+    pix = torch.stack([clips[0].pixel_values] * 3)  # (3, 2, 3, H, W)
+    fast = builder.video_samples_from_pixels(pix, [1, 2, 3], rng, clips[0].prompt)
+    assert [s.target.split()[0] for s in fast] == ["1", "2", "3"] and fast[0].input_features.shape[0] == 1
+    for s in builder.sheet_samples(4, rng):
+        text = tok.decode(s.prompt)
+        assert text.startswith("Sheet: Invoice\ninvoice | ") and s.target in text.split("\n\n")[0]
+
+
+def test_demo_evaluates_the_bundled_model_unless_told_to_train(monkeypatch, capsys):
+    import omnilm.demo as demo
+    from omnilm.cli import main
+
+    def no_training(*a, **k):
+        raise AssertionError("omnilm demo without --train must not train")
+
+    bundled = {k: 0.5 for k in demo.METRIC_KEYS}
+    monkeypatch.setattr(demo, "run_demo", no_training)
+    monkeypatch.setattr(demo, "evaluate_bundled", lambda **k: bundled)
+    assert main(["demo", "--json", "--threads", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == bundled
+
+
+def test_demo_threads_do_not_follow_the_load(monkeypatch):
+    import os
+
+    from omnilm.demo import pick_threads
+
+    first = pick_threads()
+    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 50.0, 50.0))
+    assert pick_threads() == first == max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
+def test_demo_training_is_bitwise_repeatable():
+    """Same seed and thread count: the same losses to the last bit (the demo's figures follow)."""
+    from omnilm.demo.data import TaskBuilder
+    from omnilm.demo.train import build_model, build_processor, code_offset, model_config, train_model
+    from omnilm.tokenizers.text import TextTokenizer
+
+    tok = TextTokenizer.default()
+    cfg = model_config(tok)
+    builder = TaskBuilder(build_processor(cfg, tok), code_offset(cfg))
+    train_x, train_y, _, _ = load_digits(seed=0)
+
+    def image_fn(n, g):
+        idx = torch.randint(0, len(train_x), (n,), generator=g).numpy()
+        return builder.image_samples(train_x[idx], train_y[idx], np.random.default_rng(int(idx[0])))
+
+    def audio_fn(n, g):
+        return builder.audio_samples(
+            n, np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=g)))
+        )
+
+    runs = []
+    for _ in range(2):
+        model = build_model(cfg, seed=0)
+        stats = train_model(
+            model,
+            {"image": image_fn, "audio": audio_fn},
+            4,
+            {"image": 4, "audio": 4},
+            tok.pad_token_id,
+            seed=0,
+            progress=False,
+        )
+        runs.append(stats["losses"])
+    assert runs[0] == runs[1] and len(set(runs[0])) == 4

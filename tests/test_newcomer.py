@@ -458,9 +458,11 @@ def test_default_threads_are_the_physical_cores_available(monkeypatch):
 
 
 def test_train_log_says_how_many_threads(tmp_path, monkeypatch, capsys):
+    import omnilm.training.config as config
     import omnilm.training.loop as loop
 
-    monkeypatch.setattr(loop, "cmd_train", lambda args: 0)
+    monkeypatch.setattr(config, "load_train_config", lambda path: type("Cfg", (), {"out": tmp_path})())
+    monkeypatch.setattr(loop, "train", lambda *a, **k: [])
     before = torch.get_num_threads()
     try:
         rc, out, err = run_cli(capsys, "train", "--config", tmp_path / "c.yaml", "--threads", 1)

@@ -57,3 +57,25 @@ def test_cli_plan_json_and_errors():
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: unknown preset 'nope'")
     assert "Traceback" not in bad.stderr
+
+
+def test_count_cache_is_current_and_plan_imports_no_torch():
+    """omnilm/assets/plan_counts.json holds every preset's counts so `omnilm plan` starts without
+    torch; recounted here on the meta device, it must be exactly current."""
+    import json
+    import subprocess
+    import sys
+
+    from omnilm import plan as P
+    from omnilm.config import PRESETS, get_preset
+
+    cache = json.loads(P.COUNT_CACHE.read_text())
+    for name in PRESETS:
+        cfg = get_preset(name)
+        entry = cache.get(P.fingerprint(cfg))
+        assert entry is not None, f"{name}: not in {P.COUNT_CACHE.name}; run plan.write_count_cache()"
+        assert entry["params"] == P.count_params(cfg, cached=False), name
+        assert entry["schemes"] == P.scheme_bytes(cfg, cached=False), name
+    code = "import sys, omnilm.cli as c; c.main(['plan', '--preset', 'design-88b', '--gpu-mem', '141GB']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")

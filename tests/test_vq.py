@@ -162,15 +162,13 @@ def test_audio_tokenizer_resamples_and_orders_frames(tmp_path):
 
 
 def test_cli_train_image_and_audio(tmp_path, capsys):
-    from argparse import Namespace
-
     from PIL import Image
 
     from omnilm.tokenizers.vq import (
         AudioTokenizer,
         ImageTokenizer,
-        cmd_tokenizer_train_audio,
-        cmd_tokenizer_train_image,
+        train_audio_tokenizer,
+        train_image_tokenizer,
     )
 
     folder = tmp_path / "imgs"
@@ -179,17 +177,11 @@ def test_cli_train_image_and_audio(tmp_path, capsys):
         Image.fromarray((np.random.default_rng(i).random((20, 24, 3)) * 255).astype("uint8")).save(
             folder / f"{i}.png"
         )
-    cmd_tokenizer_train_image(
-        Namespace(images=str(folder), demo=False, out=str(tmp_path / "img"), steps=2, image_size=16)
-    )
+    train_image_tokenizer(tmp_path / "img", 2, images=str(folder), image_size=16)
     assert "PSNR" in capsys.readouterr().out
     assert ImageTokenizer.load(tmp_path / "img").num_tokens == 16  # 16 px / downsample 4
-    cmd_tokenizer_train_audio(
-        Namespace(audio=None, demo=True, out=str(tmp_path / "aud"), steps=1, sample_rate=8000, clips=4)
-    )
+    train_audio_tokenizer(tmp_path / "aud", 1, sample_rate=8000, clips=4)
     assert "SI-SNR" in capsys.readouterr().out
     assert AudioTokenizer.load(tmp_path / "aud").sample_rate == 8000
     with pytest.raises(MediaError, match="no images"):
-        cmd_tokenizer_train_image(
-            Namespace(images=str(tmp_path / "aud"), demo=False, out=str(tmp_path / "x"), steps=1)
-        )
+        train_image_tokenizer(tmp_path / "x", 1, images=str(tmp_path / "aud"))

@@ -17,6 +17,7 @@ from tokenizers import AddedToken
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..tokenizers.text import AUDIO, IMAGE, TextTokenizer
+from .export import remember_source, write_export_files
 from .files import atomic_dir, carry, check_out_dir, require_tokenizer
 from .hf import (
     checkpoint_dir,
@@ -160,6 +161,9 @@ def compose(text, vision=None, audio=None, out=None, seed: int = 0, tokenizer=No
         carry(tok_dir, tmp, names=TEXT_SIDE_FILES)
         Processor.from_model_config(cfg, tokenizer, image_processor, audio_processor).save_pretrained(tmp)
         _keep_chat_template(tok_dir / "tokenizer_config.json", tmp / "tokenizer_config.json")
+        # complete the tokenizer just written (OmniLM's chat template if it has none; the eos ids)
+        write_export_files(remember_source(model, tmp), tmp, hf_format=model.hf_format != "omnilm")
+    remember_source(model, out)
     return model
 
 
@@ -169,5 +173,5 @@ def _keep_chat_template(src: Path, dst: Path) -> None:
     template = (_read_json(src) or {}).get("chat_template")
     if template is not None and dst.is_file():
         config = json.loads(dst.read_text())
-        config.setdefault("chat_template", template)
+        config["chat_template"] = template  # over the default template the processor's tokenizer wrote
         dst.write_text(json.dumps(config, indent=2) + "\n")

@@ -9,7 +9,8 @@ from .files import TOKENIZER_FILES, atomic_dir, carry, check_out_dir, require_to
 def convert_checkpoint(src, out, dtype=None, overwrite: bool = False, tokenizer=None):
     """Load `src` (a directory or hub id) and write it to `out` in Hugging Face format where one exists,
     with every file the directory needs; returns the model. dtype: a torch dtype or None."""
-    from .formats import load
+    from .export import remember_source, write_export_files
+    from .formats import HF_FORMATS, load
     from .hf import checkpoint_dir
     from .hub import local_path
 
@@ -24,4 +25,6 @@ def convert_checkpoint(src, out, dtype=None, overwrite: bool = False, tokenizer=
         carry(src_dir, tmp)  # the source's tokenizer and configs win over any default a save wrote
         if tok_dir is not None:
             carry(tok_dir, tmp, names=TOKENIZER_FILES + ("tokenizer_config.json", "chat_template.jinja"))
-    return model
+        # what the carried files lack (OmniLM's chat template, eos ids, dtype): convert/export.py
+        write_export_files(remember_source(model, tmp), tmp, hf_format=model.hf_format in HF_FORMATS)
+    return remember_source(model, out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..errors import CheckpointError
 from .emu3 import load_emu3, save_emu3
+from .export import remember_source, write_export_files
 from .hf import OMNILM_CONFIG, checkpoint_dir, load_llama, load_omnilm, read_config, save_llama, save_omnilm
 from .qwen2 import load_qwen2, save_qwen2
 from .qwen2_audio import load_qwen2_audio, save_qwen2_audio
@@ -15,6 +16,20 @@ from .vision import load_llava, save_llava
 
 
 def load(path, device=None, dtype=None):
+    # save_pretrained copies the tokenizer and processor files from where the model came (convert/export.py)
+    return remember_source(_load(path, device, dtype), checkpoint_dir(path))
+
+
+def save_pretrained(model, path):
+    _save(model, path)
+    # tokenizer, chat template, generation_config, dtype, processor configs (convert/export.py)
+    write_export_files(model, path, hf_format=model.hf_format in HF_FORMATS)
+
+
+HF_FORMATS = ("llama", "llava", "qwen2", "qwen2_audio", "emu3", "mllama")
+
+
+def _load(path, device=None, dtype=None):
     path = checkpoint_dir(path)
     from ..quant.io import is_quantized_dir, load_quantized  # compressed-tensors directories
 
@@ -44,7 +59,7 @@ def load(path, device=None, dtype=None):
     )
 
 
-def save_pretrained(model, path):
+def _save(model, path):
     fmt = model.hf_format  # the config's, or a family model's own (Qwen2-Audio, Emu3)
     if fmt == "llama":
         return save_llama(model, path)

@@ -183,7 +183,8 @@ def load_strict(
     ]
     if bad:
         raise CheckpointError(f"{source}: shape mismatch for {_short(bad)}")
-    state = validate.check_state(expected, state, source)
+    params = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    state = validate.check_state(expected, state, source, params)
     if dtype is not None or device is not None:
         state = {
             k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()

@@ -390,9 +390,14 @@ def checking_weights(on: bool = True):
         _check_weights.reset(token)
 
 
-def check_state(expected: dict, state: dict, source: str) -> dict:
+PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_state(expected: dict, state: dict, source: str, params: set | None = None) -> dict:
     """dtype checks (and the NaN/Inf scan when asked) on a state whose keys and shapes match `expected`.
-    Returns the state with lower-precision floats cast to the dominant float dtype."""
+    Returns the state with lower-precision floats cast to the dominant float dtype. Only plain float
+    tensors of `params` (the module's parameters; all keys when None) take part: a quantized layer's
+    buffers (fp8 codes, their fp32 scales) keep the dtypes they are stored in."""
     bad = [
         f"{k} ({state[k].dtype})"
         for k, v in expected.items()
@@ -402,13 +407,13 @@ def check_state(expected: dict, state: dict, source: str) -> dict:
         raise CheckpointError(
             f"{source}: integer or bool tensors where the model has float parameters: {', '.join(bad[:8])}"
         )
+    mixed = {k for k, v in state.items() if v.dtype in PLAIN_FLOATS and (params is None or k in params)}
     sizes: dict[torch.dtype, int] = {}
-    for v in state.values():
-        if v.is_floating_point():
-            sizes[v.dtype] = sizes.get(v.dtype, 0) + v.numel()
+    for k in mixed:
+        sizes[state[k].dtype] = sizes.get(state[k].dtype, 0) + state[k].numel()
     if len(sizes) > 1:
         main = max(sizes, key=sizes.get)
-        state = {k: v.to(main) if v.is_floating_point() and v.dtype != main else v for k, v in state.items()}
+        state = {k: v.to(main) if k in mixed and v.dtype != main else v for k, v in state.items()}
     if _check_weights.get():
         check_finite(state, source)
     return state

@@ -6,7 +6,8 @@ Key layouts handled (all map to OmniModel's names by prefix):
 - LLaVA, transformers 5 runtime layout: `model.language_model.*`, `model.vision_tower.*`,
   `model.multi_modal_projector.*`, `lm_head.*`
 - LLaVA, the layout on the Hub (and what transformers still writes): `language_model.model.*`,
-  `language_model.lm_head.*`, `vision_tower.[vision_model.]*`, `multi_modal_projector.*`
+  `language_model.lm_head.*`, `vision_tower.[vision_model.]*`, `multi_modal_projector.*`; save_llava
+  writes `vision_tower.vision_model.*`, the one vLLM loads
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ def load_llava(path, hf_config: dict, device=None, dtype=None):
 
 
 def save_llava(model, path):
-    """config.json + safetensors in the Hub's LLaVA layout, which transformers 4 and 5 both load."""
+    """config.json + safetensors in the Hub's LLaVA layout, which transformers 4 and 5 and vLLM load."""
     cfg = model.config
     v = cfg.vision
     if v.pixel_shuffle > 1 or v.feature_layer is None:
@@ -298,4 +299,13 @@ def save_llava(model, path):
     state = dict(model.state_dict())
     if cfg.decoder.tie_embeddings:
         state.pop("language_model.lm_head.weight")
-    write_state_dict(state, path)
+    write_state_dict(llava_state_to_hub(state), path)
+
+
+def llava_state_to_hub(state: dict) -> dict:
+    """OmniModel keys -> the Hub layout with the tower under `vision_tower.vision_model.*`: the names
+    vLLM's LLaVA loader requires (transformers loads this and the flat tower layout alike)."""
+    tower = "vision_tower."
+    return {
+        (tower + "vision_model." + k[len(tower) :] if k.startswith(tower) else k): v for k, v in state.items()
+    }

@@ -1,4 +1,4 @@
-"""The demo's tasks, built offline: handwritten digits, DTMF tones and generated PDFs.
+"""The demo's tasks, built offline: handwritten digits, DTMF tones, generated PDFs, spreadsheets and videos.
 
 Every sample is a prompt (ids with media placeholders already expanded by the real processor), an
 answer (ids the model must produce, ending in eos) and its media tensors. Prompts are plain text after
@@ -8,7 +8,13 @@ images=..., audio=..., files=...)` builds:
     image -> text   [bos] <image x4> "which digit is this?"   -> "7" [eos]
     audio -> text   [bos] <audio x12> "which number was dialled?" -> "4821" [eos]
     PDF QA          [bos] "Invoice 4821 total 37" <image x4> "\\n\\n" "what is the total?" -> "37" [eos]
+    sheet QA        [bos] "Sheet: Invoice\ninvoice | 4821\ntotal | 37" "\n\n" "what is the total?" -> "37" [eos]
     text -> image   [bos] "draw a 7" -> <|image_start|> 16 codes <|image_end|> [eos]
+    video QA        [bos] "<t=0.0s>" <image x4> <audio x12> "<t=0.5s>" <image x4> "\n\n"
+                    "which digit is shown and which number is dialled?" -> "7 4821" [eos]
+
+A video is a 1 s MP4 written with PyAV: the digit on two frames (the processor samples 2 per second)
+and the number dialled on its AAC sound track, read back by the processor's video path.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ import torch
 from PIL import Image
 
 from ..processing.documents import build_pdf
+from ..processing.video import write_video
 
 IMAGE_PROMPTS = ("which digit is this?", "what digit is shown?")
 AUDIO_PROMPTS = ("which number was dialled?", "what digits were dialled?")
 DRAW_PROMPTS = ("draw a {d}", "draw the digit {d}")
+VIDEO_PROMPT = "which digit is shown and which number is dialled?"
+VIDEO_FPS = 2.0  # frames the processor samples per second: two per 1 s clip
 PDF_QUESTIONS = {
     "total": "what is the total?",
     "invoice": "what is the invoice number?",
@@ -104,6 +113,32 @@ def dtmf_clip(
     return wav.astype(np.float32)
 
 
+def video_clip(ink: np.ndarray, number: str, rng: np.random.Generator, size: int = 16, rate: int = 16000):
+    """MP4 bytes of a 1 s clip: the digit on two frames (the second moved by a pixel) at VIDEO_FPS and
+    the number dialled on the sound track."""
+    shift = [int(v) for v in rng.integers(-1, 2, 2)]
+    frames = [render_digit(ink, size), render_digit(np.roll(ink, shift, axis=(0, 1)), size)]
+    wav = dtmf_clip(number, rng, rate, max_seconds=1.0)
+    wav = np.pad(wav, (0, rate - len(wav)))  # exactly 1 s: one audio window
+    return write_video(frames, fps=VIDEO_FPS, audio=wav, audio_rate=rate)
+
+
+def sheet_bytes(invoice: str, total: str) -> bytes:
+    """An XLSX invoice (openpyxl): the invoice number and the total in a two-column sheet."""
+    import io
+
+    import openpyxl
+
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.title = "Invoice"
+    ws.append(["invoice", int(invoice)])
+    ws.append(["total", int(total)])
+    buf = io.BytesIO()
+    wb.save(buf)
+    return buf.getvalue()
+
+
 def random_number(rng: np.random.Generator, min_len: int = 3, max_len: int = 5) -> str:
     return "".join(rng.choice(list("0123456789"), size=int(rng.integers(min_len, max_len + 1))))
 
@@ -115,10 +150,10 @@ def random_number(rng: np.random.Generator, min_len: int = 3, max_len: int = 5) 
 class Sample:
     """One training or evaluation example. prompt holds placeholders already expanded."""
 
-    task: str  # "image" | "audio" | "pdf" | "draw"
+    task: str  # "image" | "audio" | "pdf" | "sheet" | "draw" | "video"
     prompt: list[int]
     answer: list[int]  # what the model must generate, eos included
-    pixel_values: torch.Tensor | None = None  # (n_images, 3, H, W)
+    pixel_values: torch.Tensor | None = None  # (n_images, 3, H, W): a video's frames are its images
     input_features: torch.Tensor | None = None  # (n_windows, n_mels, frames)
     target: str = ""  # the answer as text (digits), or the digit to draw
 
@@ -213,6 +248,60 @@ class TaskBuilder:
                 )
             )
         return out
+
+    def sheet_samples(self, n: int, rng: np.random.Generator) -> list[Sample]:
+        """XLSX invoices read by the processor's document path, asked for the total or the number."""
+        out = []
+        for _ in range(n):
+            invoice, total = random_number(rng, 4, 4), str(int(rng.integers(10, 100)))
+            invoice = invoice.lstrip("0").rjust(4, "1")  # stored as a number: no leading zero
+            kind = ("total", "invoice")[int(rng.integers(2))]
+            batch = self.processor(text=PDF_QUESTIONS[kind], files=[sheet_bytes(invoice, total)])
+            target = total if kind == "total" else invoice
+            out.append(
+                Sample("sheet", batch["input_ids"][0].tolist(), self.answer_ids(target), target=target)
+            )
+        return out
+
+    def video_samples(self, images: np.ndarray, labels, rng: np.random.Generator) -> list[Sample]:
+        """A real MP4 per digit (frames + dialled number), read back through processor(files=[clip])."""
+        out = []
+        for im, label in zip(images, labels):
+            number = random_number(rng)
+            batch = self.processor(text=VIDEO_PROMPT, files=[video_clip(im, number, rng, self.image_size)])
+            target = f"{label} {number}"
+            out.append(
+                Sample(
+                    "video",
+                    batch["input_ids"][0].tolist(),
+                    self.answer_ids(target),
+                    pixel_values=batch["pixel_values"],  # (2, 3, H, W)
+                    input_features=batch["input_features"],  # (1, n_mels, frames)
+                    target=target,
+                )
+            )
+        return out
+
+    def video_samples_from_pixels(
+        self, pixels: torch.Tensor, labels, rng: np.random.Generator, template: list[int]
+    ) -> list[Sample]:
+        """Fast training variant: frames (N, 2, 3, H, W) and fresh tones go straight to the processors,
+        with the prompt ids of a real clip (`template`: every 1 s clip at 2 frames/s gives the same)."""
+        ap = self.processor.audio_processor
+        numbers = [random_number(rng) for _ in labels]
+        clips = [dtmf_clip(s, rng, ap.sampling_rate, ap.window_seconds) for s in numbers]
+        feats = ap(clips, sampling_rate=ap.sampling_rate)["input_features"]  # (N, n_mels, frames)
+        return [
+            Sample(
+                "video",
+                template,
+                self.answer_ids(f"{label} {s}"),
+                pixel_values=pixels[i],
+                input_features=feats[i : i + 1],
+                target=f"{label} {s}",
+            )
+            for i, (label, s) in enumerate(zip(labels, numbers))
+        ]
 
     def draw_samples(self, codes: torch.Tensor, labels: np.ndarray, rng: np.random.Generator) -> list[Sample]:
         """codes (N, h, w) of the digit images -> "draw a 7" with the codes as the answer."""

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from ..config import AudioConfig, DecoderConfig, DiscreteConfig, ImageVQConfig, ModelConfig, VisionConfig
+from ..models.discrete import modality_of, modality_ranges
+from ..models.loss import IGNORE_INDEX, next_token_loss
 from ..models.omni import OmniModel
 from ..processing.image import ImageProcessor
 from ..processing.multimodal import Processor
@@ -21,7 +23,7 @@ from ..tokenizers.text import TextTokenizer
 from ..training.config import OptimConfig
 from ..training.guard import NonFiniteGuard
 from ..training.optim import build_optimizer, build_scheduler
-from .data import collate
+from .data import VIDEO_FPS, collate
 
 IMAGE_SIZE = 16
 CODEBOOK = 128
@@ -103,7 +105,8 @@ def code_offset(cfg: ModelConfig) -> int:
 
 def build_processor(cfg: ModelConfig, tokenizer: TextTokenizer) -> Processor:
     image_processor = ImageProcessor(size=(IMAGE_SIZE, IMAGE_SIZE), resample=2)  # bilinear
-    return Processor.from_model_config(cfg, tokenizer, image_processor)
+    meta = {"video_fps": VIDEO_FPS, "max_video_frames": 4}  # two frames of each 1 s clip
+    return Processor.from_model_config(cfg, tokenizer, image_processor, meta=meta)
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> OmniModel:
@@ -176,8 +179,16 @@ def answer_loss(model: OmniModel, batches: list[dict]) -> torch.Tensor:
         targets.append(labels[keep])
     h, targets = torch.cat(hidden), torch.cat(targets)  # (N, D), (N,)
     logits = model.discrete.logits(h, model.language_model.lm_head)  # (N, V_text + V_image)
-    # DiscreteModalities.loss scores logits[t] against labels[t + 1]: shift by one padded position
-    logits = torch.cat([logits, logits.new_zeros(1, logits.shape[-1])])[None]  # (1, N + 1, V)
-    labels = torch.cat([targets.new_full((1,), -100), targets])[None]  # (1, N + 1)
-    loss, _ = model.discrete.loss(logits, labels)
-    return loss
+    # each answer token is scored by its own modality's head (as DiscreteModalities.loss does): the
+    # softmax runs over that head's slice of the vocabulary only
+    modality = modality_of(targets, model.discrete.cfg)
+    total = logits.sum() * 0.0
+    for m, (lo, hi) in enumerate(modality_ranges(model.discrete.cfg)):
+        sel = modality == m
+        if hi == lo or not sel.any():
+            continue
+        # next_token_loss scores logits[t] against labels[t + 1]: shift by one padded position
+        part = torch.cat([logits[sel, lo:hi], logits.new_zeros(1, hi - lo)])[None]  # (1, n + 1, V_m)
+        labels = torch.cat([targets.new_full((1,), IGNORE_INDEX), targets[sel] - lo])[None]  # (1, n + 1)
+        total = total + next_token_loss(part, labels, reduction="sum")
+    return total / len(targets)

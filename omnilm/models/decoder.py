@@ -156,7 +156,7 @@ class CausalLM(nn.Module):
         return self.lm_head(h)
 
     def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> StaticCache:
-        p = self.lm_head.weight
+        p = self.model.norm.weight  # never quantized, unlike the head
         return StaticCache(
             self.cfg.num_layers,
             batch,

@@ -145,7 +145,7 @@ class MllamaTextLM(nn.Module):
         return self.lm_head(h)
 
     def make_cache(self, batch: int, max_len: int, dtype=None, device=None) -> MllamaCache:
-        p = self.lm_head.weight
+        p = self.model.norm.weight  # never quantized, unlike the head
         return MllamaCache(
             len(self.model.cache_slot),
             batch,

@@ -3,7 +3,8 @@
 `load_document(path_or_bytes)` returns parts such as
     [("text", "Invoice 42 ..."), ("image", <PIL.Image>), ("text", "... total 17")]
 PDF text comes out per page in content-stream order with each embedded image at the point where the
-page draws it; images and audio files are handed on (as their path or bytes) to their processors,
+page draws it; office documents and e-books come from office.py, videos (frames and sound) from
+video.py; images and audio files are handed on (as their path or bytes) to their processors,
 which apply their own limits. Limits on bytes, pages and embedded-image pixels are checked before
 anything is decoded. Every failure a file can cause is a MediaError naming the file.
 """
@@ -14,16 +15,14 @@ import contextlib
 import io
 import json
 import logging
-import os
 import re
 import time
 import warnings
 import zlib
-from html import unescape
-from html.parser import HTMLParser
 from pathlib import Path
 
 from ..errors import MediaError
+from .textio import SUPPORTED_KINDS, html_to_text, read_limited  # noqa: F401 (re-exported)
 
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 MAX_PDF_PAGES = 200
@@ -35,10 +34,7 @@ MAX_PDF_SECONDS = 20.0  # wall time to extract one PDF's text and images
 MAX_TEXT_BYTES = 2 * 1024 * 1024
 MAX_HTML_BYTES = 4 * 1024 * 1024  # markup in; its text out is bounded by MAX_TEXT_BYTES
 
-SUPPORTED_KINDS = (
-    "PDF, images (PNG, JPEG, GIF, WebP, BMP), audio (WAV, FLAC, OGG, MP3), "
-    "and UTF-8 text (plain, Markdown, CSV, JSON, HTML)"
-)
+OFFICE_KINDS = ("xlsx", "ods", "docx", "odt", "odp", "pptx", "epub")
 TEXT_EXTENSIONS = {
     ".md": "markdown",
     ".markdown": "markdown",
@@ -53,14 +49,29 @@ TEXT_EXTENSIONS = {
 
 
 def sniff_kind(data: bytes, name: str = "") -> str:
-    """The kind of a file from its bytes: pdf | image | audio | text | markdown | csv | json | html.
+    """The kind of a file from its bytes: pdf | image | audio | video | xlsx | ods | docx | odt | odp |
+    pptx | epub | text | markdown | csv | json | html.
 
-    Magic bytes decide binary kinds; the extension only picks the flavour of a file that is already
-    known to be UTF-8 text. Raises MediaError for anything else.
+    A byte-order mark, then magic bytes decide binary kinds (zip containers by the part names inside);
+    the extension only picks the flavour of a file that is already known to be text. Raises MediaError
+    for anything else.
     """
     head = data[:16]
     if data[:1024].lstrip().startswith(b"%PDF-"):
         return "pdf"
+    # A byte-order mark decides before any magic: UTF-16 LE text starts FF FE, which reads as an MPEG
+    # audio frame sync below.
+    bom_text = _decode_text(data) if data.startswith(_BOMS) else None
+    if bom_text is not None:
+        return _text_flavour(bom_text, name)
+    from .video import video_container
+
+    if video_container(head):
+        return "video"
+    if head.startswith(b"PK\x03\x04"):
+        from .office import sniff_zip
+
+        return sniff_zip(data, name)
     if (
         head.startswith(b"\x89PNG\r\n\x1a\n")
         or head.startswith(b"\xff\xd8\xff")
@@ -79,8 +90,12 @@ def sniff_kind(data: bytes, name: str = "") -> str:
     text = _decode_text(data)
     if text is None:
         raise MediaError(
-            f"{name or 'file'}: unsupported file kind (not a known binary format and not UTF-8 text); supported: {SUPPORTED_KINDS}"
+            f"{name or 'file'}: unsupported file kind (not a known binary format and not text); supported: {SUPPORTED_KINDS}"
         )
+    return _text_flavour(text, name)
+
+
+def _text_flavour(text: str, name: str) -> str:
     flavour = TEXT_EXTENSIONS.get(Path(name).suffix.lower()) if name else None
     if flavour:
         return flavour
@@ -96,36 +111,34 @@ def sniff_kind(data: bytes, name: str = "") -> str:
     return "text"
 
 
+_BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
+# C0 controls other than tab, newline, vertical tab, form feed, carriage return and escape, DEL, and the
+# C1 block: text has (almost) none of them, binary data has many
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f-\x9f]")
+
+
 def _decode_text(data: bytes) -> str | None:
-    if b"\x00" in data:  # NUL bytes: binary, even when they happen to be valid UTF-8
+    """Text of UTF-8 (BOM optional), UTF-16 with a BOM, or Latin-1, if at most 1 character in 1000 is a
+    control character (Latin-1 decodes every byte string; control bytes are valid UTF-8); else None."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            text = data.decode("utf-16")  # the BOM picks the byte order and is dropped
+        except UnicodeDecodeError:
+            return None
+    elif b"\x00" in data:  # NUL bytes: binary, even when they happen to be valid UTF-8
         return None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = data.decode("latin-1")
+    sample = text[:65536]
+    if len(_CONTROL.findall(sample)) * 1000 > len(sample):
         return None
+    return text
 
 
 # ---- entry point ----------------------------------------------------------------------------------
-
-
-def read_limited(source, max_bytes: int, what: str = "file") -> tuple[bytes, str]:
-    """(bytes, display name) of a path or bytes, refusing anything over max_bytes before reading it."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data, name = bytes(source), f"<{what} bytes>"
-    else:
-        name = os.fspath(source)
-        if not os.path.isfile(name):
-            raise MediaError(f"{name}: no such file")
-        size = os.path.getsize(name)
-        if size > max_bytes:
-            raise MediaError(f"{name}: {size} bytes is over the {max_bytes}-byte limit")
-        with open(name, "rb") as f:
-            data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise MediaError(f"{name}: {len(data)} bytes is over the {max_bytes}-byte limit")
-    if not data:
-        raise MediaError(f"{name}: file is empty")
-    return data, name
 
 
 def load_document(
@@ -135,8 +148,11 @@ def load_document(
     max_pages: int = MAX_PDF_PAGES,
     max_image_pixels: int = MAX_EMBEDDED_IMAGE_PIXELS,
     password: str | None = None,
+    video: dict | None = None,
 ) -> list[tuple[str, object]]:
-    """Parts [("text", str) | ("image", PIL.Image | path | bytes) | ("audio", path | bytes)] of a file."""
+    """Parts [("text", str) | ("image", PIL.Image | path | bytes) | ("audio", path | bytes)] of a file.
+
+    video: options for load_video (fps, max_frames, audio_chunk_seconds, audio_rate)."""
     data, name = read_limited(source, max_bytes, "document")
     kind = sniff_kind(data, name)
     # Images and audio are decoded (with their own limits) by their processors, from the original source.
@@ -147,6 +163,14 @@ def load_document(
         return [("audio", passthrough)]
     if kind == "pdf":
         return load_pdf(data, name, max_pages=max_pages, max_image_pixels=max_image_pixels, password=password)
+    if kind == "video":
+        from .video import load_video
+
+        return load_video(None, data=data, name=name, **(video or {}))
+    if kind in OFFICE_KINDS:
+        from .office import load_office
+
+        return load_office(data, name, kind, max_image_pixels=max_image_pixels)
     limit = MAX_HTML_BYTES if kind == "html" else MAX_TEXT_BYTES
     if len(data) > limit:
         raise MediaError(
@@ -159,76 +183,6 @@ def load_document(
         if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
             raise MediaError(f"{name}: the text of this HTML is over the {MAX_TEXT_BYTES}-byte limit")
     return [("text", text)] if text.strip() else []
-
-
-# ---- HTML -----------------------------------------------------------------------------------------
-
-_BLOCK_TAGS = {
-    "p",
-    "div",
-    "br",
-    "li",
-    "tr",
-    "h1",
-    "h2",
-    "h3",
-    "h4",
-    "h5",
-    "h6",
-    "section",
-    "article",
-    "table",
-    "ul",
-    "ol",
-    "pre",
-    "blockquote",
-    "title",
-}
-
-
-class _TextOnly(HTMLParser):
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.chunks: list[str] = []
-        self._skip = 0  # depth inside <script>/<style>
-
-    def handle_starttag(self, tag, attrs):
-        if tag in ("script", "style", "template", "noscript"):
-            self._skip += 1
-        elif tag in _BLOCK_TAGS:
-            self.chunks.append("\n")
-
-    def handle_endtag(self, tag):
-        if tag in ("script", "style", "template", "noscript"):
-            self._skip = max(0, self._skip - 1)
-        elif tag in _BLOCK_TAGS:
-            self.chunks.append("\n")
-
-    def handle_data(self, data):
-        if not self._skip:
-            self.chunks.append(data)
-
-
-def html_to_text(html: str) -> str:
-    # One regex pass, linear in the input: html.parser rescans unterminated tags, comments and quoted
-    # attributes from the start on every chunk (1,000,000 unterminated tags ran for minutes).
-    parser = _TextOnly()
-    for m in _HTML_TOKEN.finditer(html):
-        text, end, tag = m.group("text"), m.group("end"), m.group("tag")
-        if text is not None:
-            parser.handle_data(unescape(text))
-        elif tag is not None:
-            parser.handle_endtag(tag.lower()) if end else parser.handle_starttag(tag.lower(), [])
-    lines = (" ".join(line.split()) for line in "".join(parser.chunks).splitlines())
-    return "\n".join(line for line in lines if line)
-
-
-# a comment (or the rest of the file if unterminated), a tag whose attributes hold no '<' (an
-# unterminated tag ends at the next '<'), other markup (<!doctype>, <?xml?>), or a run of text
-_HTML_TOKEN = re.compile(
-    r"<!--(?:.*?-->|.*)|<(?P<end>/?)(?P<tag>[a-zA-Z][^\s/<>]*)[^<>]*>?|<[!?/][^<>]*>?|(?P<text>[^<]+|<)",
-    re.S,
-)
 
 
 # ---- PDF ------------------------------------------------------------------------------------------

@@ -40,10 +40,14 @@ class Processor:
         image_token_id: int | None = None,
         audio_token_id: int | None = None,
         prompt_format: str = "plain",
+        video_fps: float = 1.0,
+        max_video_frames: int = 32,
     ):
         if prompt_format not in ("plain", "chat"):
             raise ConfigError(f"prompt_format must be 'plain' or 'chat', got {prompt_format!r}")
         self.prompt_format = prompt_format  # how the model was trained to read prompts (the CLI follows it)
+        # a video file becomes frames (each an image) sampled at video_fps, at most max_video_frames
+        self.video_fps, self.max_video_frames = video_fps, max_video_frames
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.audio_processor = audio_processor
@@ -93,8 +97,9 @@ class Processor:
             image_processor = ImageProcessor(size=(vision.image_size, vision.image_size))
         if audio_processor is None and audio is not None:
             audio_processor = AudioProcessor.from_config(audio)
+        video = {k: meta[k] for k in ("video_fps", "max_video_frames") if k in meta}
         return cls(tokenizer, image_processor, audio_processor, prompt_format=meta.get("prompt_format", prompt_format),
-                   **derived)  # fmt: skip
+                   **derived, **video)  # fmt: skip
 
     # ---- entry point ------------------------------------------------------------------------------
 
@@ -190,7 +195,7 @@ class Processor:
             t = t or ""
             ids = [self.tokenizer.bos_token_id] if add_bos and self.tokenizer.bos_token_id is not None else []
             for f in _as_list(files):
-                for kind, value in load_document(f):
+                for kind, value in self.load_file(f):
                     if kind == "text":
                         ids += self._encode_plain(value)
                     else:
@@ -207,6 +212,14 @@ class Processor:
             rows.append(ids + body)
         return rows, media
 
+    def load_file(self, source):
+        """A document's parts; a video's sound track is cut into the audio encoder's windows."""
+        ap = self.audio_processor
+        video = dict(fps=self.video_fps, max_frames=self.max_video_frames)
+        if ap is not None:
+            video.update(audio_chunk_seconds=ap.window_seconds, audio_rate=ap.sampling_rate)
+        return load_document(source, video=video)
+
     def _kind_of(self, tok_id: int) -> str:
         return "image" if tok_id == self.image_token_id else "audio"
 
@@ -217,7 +230,9 @@ class Processor:
             gen = add_generation_prompt
             if gen is None:  # prompt for an answer unless the conversation already ends with one
                 gen = conv[-1].get("role") != "assistant" if conv and isinstance(conv[-1], dict) else False
-            ids, mask, conv_media = render_chat_with_media(conv, self.tokenizer, gen)
+            ids, mask, conv_media = render_chat_with_media(
+                conv, self.tokenizer, gen, load_file=self.load_file
+            )
             rows.append(ids)
             masks.append(mask)
             media += conv_media
@@ -342,6 +357,8 @@ class Processor:
             "image_token_id": self.image_token_id,
             "audio_token_id": self.audio_token_id,
             "prompt_format": self.prompt_format,
+            "video_fps": self.video_fps,
+            "max_video_frames": self.max_video_frames,
         }
         (path / PROCESSOR_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -2,6 +2,14 @@
 io.py writes and reads the compressed-tensors layout."""
 
 from .formats import SCHEMES, Scheme, get_scheme
-from .linear import QuantLinear, quant_modules, quantize_model
+from .linear import QuantEmbedding, QuantLinear, quant_modules, quantize_model
 
-__all__ = ["SCHEMES", "Scheme", "get_scheme", "QuantLinear", "quant_modules", "quantize_model"]
+__all__ = [
+    "SCHEMES",
+    "Scheme",
+    "get_scheme",
+    "QuantEmbedding",
+    "QuantLinear",
+    "quant_modules",
+    "quantize_model",
+]

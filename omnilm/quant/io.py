@@ -33,7 +33,7 @@ from ..convert.hf import (
 )
 from ..errors import CheckpointError, ConfigError
 from .formats import SCHEMES, Scheme, get_scheme
-from .linear import QuantLinear, quant_modules
+from .linear import QuantEmbedding, QuantLinear, quant_modules
 
 QUANT_CONFIG = "quantization_config.json"  # OmniLM-format directories
 # what save_pretrained writes; everything else in the source directory (tokenizer, processor, media
@@ -77,16 +77,33 @@ def quantization_config(model: nn.Module) -> dict:
         )
     scheme = schemes.pop()
     prefix = _file_prefix(_file_format(model))
-    ignore = [n.removeprefix(prefix) for n, m in model.named_modules() if type(m) is nn.Linear]
+    targets = ["Linear"]
+    kinds = (nn.Linear,)
+    if any(isinstance(m, QuantEmbedding) for m in mods.values()):
+        targets, kinds = ["Linear", "Embedding"], (nn.Linear, nn.Embedding)
+    ignore = [n.removeprefix(prefix) for n, m in model.named_modules() if type(m) in kinds]
+    acts = {m.activations for m in mods.values() if not isinstance(m, QuantEmbedding)}
+    if len(acts) > 1:
+        raise ConfigError("save_quantized: some linears quantize their activations and some do not")
+    inputs = None
+    if acts == {"int8"}:
+        inputs = {
+            "num_bits": 8,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "token",
+            "dynamic": True,
+            "group_size": None,
+        }
     return {
         "quant_method": "compressed-tensors",
         "format": scheme.format,
         "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
-                "targets": ["Linear"],
+                "targets": targets,
                 "weights": scheme.args(),
-                "input_activations": None,
+                "input_activations": inputs,
                 "output_activations": None,
                 "format": scheme.format,
             }
@@ -150,9 +167,10 @@ def tensor_bytes(f: Path) -> int:
 # ---- loading ----------------------------------------------------------------------------------------------
 
 
-def scheme_from_config(qc: dict, source: str) -> tuple[Scheme, list[str], list[str]]:
-    """(scheme, targets, ignore) of a compressed-tensors config; anything else is a CheckpointError
-    naming the key."""
+def scheme_from_config(qc: dict, source: str) -> tuple[Scheme, list[str], list[str], str | None]:
+    """(scheme, targets, ignore, activations) of a compressed-tensors config, activations "int8" for
+    dynamic per-token int8 inputs over int8 weights (W8A8); anything else is a CheckpointError naming
+    the key."""
     where = f"{source}: quantization_config"
     if qc.get("quant_method") != "compressed-tensors":
         raise CheckpointError(
@@ -195,11 +213,16 @@ def scheme_from_config(qc: dict, source: str) -> tuple[Scheme, list[str], list[s
             f"{where}.format {fmt!r} is not supported for {name} (expected {scheme.format!r})"
         )
     inputs = group.get("input_activations")
-    if inputs and not inputs.get("dynamic"):
-        raise CheckpointError(
-            f"{where}.config_groups.{gname}.input_activations: static activation scales are not supported"
-        )
-    return scheme, list(group.get("targets") or []), list(qc.get("ignore") or [])
+    acts = None
+    if inputs:
+        akey = f"{where}.config_groups.{gname}.input_activations"
+        if not inputs.get("dynamic"):
+            raise CheckpointError(f"{akey}: static activation scales are not supported")
+        asig = (inputs.get("type"), inputs.get("num_bits"), inputs.get("strategy"), inputs.get("symmetric"))
+        if asig == ("int", 8, "token", True) and name == "int8":
+            acts = "int8"
+        # other dynamic activation schemes: run weight-only (activations unquantized, a closer result)
+    return scheme, list(group.get("targets") or []), list(qc.get("ignore") or []), acts
 
 
 def _matches(name: str, patterns: list[str], module: nn.Module) -> bool:
@@ -224,7 +247,7 @@ def load_quantized(path, device=None, dtype=None):
             raise CheckpointError(f"{path / QUANT_CONFIG}: not valid JSON ({e})") from None
     else:
         qc = cfg_json.pop("quantization_config")
-    scheme, targets, ignore = scheme_from_config(qc, str(path))
+    scheme, targets, ignore, acts = scheme_from_config(qc, str(path))
     if (path / OMNILM_CONFIG).is_file() and not (path / "config.json").is_file():
         cfg, fmt = ModelConfig.from_dict(cfg_json), "omnilm"
     elif cfg_json.get("model_type") == "llama":
@@ -239,15 +262,22 @@ def load_quantized(path, device=None, dtype=None):
     prefix = _file_prefix(fmt)
     for name, m in list(model.named_modules()):
         file_name = name.removeprefix(prefix)
-        if type(m) is nn.Linear and _matches(file_name, targets, m) and not _matches(file_name, ignore, m):
-            if name == "language_model.lm_head":  # the model's dtype and KV cache are read off the head
-                raise CheckpointError(
-                    f"{path}: quantization_config.ignore does not name {file_name!r}; a quantized output "
-                    "head is not supported (the head stays 16-bit)"
-                )
+        if type(m) not in (nn.Linear, nn.Embedding):
+            continue
+        if _matches(file_name, targets, m) and not _matches(file_name, ignore, m):
+            if type(m) is nn.Embedding:
+                q = QuantEmbedding(m.embedding_dim, m.num_embeddings, False, scheme, device="meta")
+            else:
+                q = QuantLinear(m.in_features, m.out_features, m.bias is not None, scheme, device="meta")
+                q.activations = acts
             parent_name, _, leaf = name.rpartition(".")
-            q = QuantLinear(m.in_features, m.out_features, m.bias is not None, scheme, device="meta")
             setattr(model.get_submodule(parent_name), leaf, q)
+    lm = model.language_model
+    if cfg.decoder.tie_embeddings and isinstance(lm.model.embed_tokens, QuantEmbedding):
+        raise CheckpointError(
+            f"{path}: quantized embeddings in a model with tied embeddings are not supported (the head "
+            "shares their tensor)"
+        )
     state = read_state_dict(path)
     if fmt == "llama":
         state, module = llama_state_from_hf(state, cfg.decoder), model.language_model
@@ -270,5 +300,8 @@ def load_quantized(path, device=None, dtype=None):
     for m in quant_modules(model).values():
         if m.bias is not None:
             m.bias.requires_grad_(False)
-    retie(model)
+        if isinstance(m, QuantEmbedding):
+            m.set_dtype(model.dtype, model.device)
+    if not isinstance(model.language_model.lm_head, QuantLinear):
+        retie(model)
     return model.eval()

@@ -12,6 +12,9 @@ Matmul paths (`QuantLinear.path` says which one ran last):
   tinygemm kernel _weight_int4pack_mm (bf16);
 - fp8 on CUDA with compute capability >= 8.9: torch._scaled_mm with row-wise scales (activations
   quantized per token on the fly);
+- int8 with dynamic int8 activations (`activations="int8"`, the W8A8 of compressed-tensors) on CPU:
+  torch._int_mm (int8 x int8 -> int32, oneDNN) with per-token activation scales taken on the fly; the
+  weight's (N, K) rows read as a column-major (K, N), the layout that kernel runs fastest;
 - everything else (fp8 on CPU, nvfp4, mxfp4, shapes a kernel refuses): the weight is dequantized on the
   fly and multiplied in the activation dtype ("emulated"; FP4 tensor cores need Blackwell).
 """
@@ -50,6 +53,7 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
         self._kernel_cache: dict = {}
         self.path = None
+        self.activations = None  # "int8": dynamic per-token int8 activations (int8 weights only)
         self.register_state_dict_post_hook(_fp8_views)
         self.register_load_state_dict_pre_hook(_from_file)
 
@@ -81,7 +85,9 @@ class QuantLinear(nn.Module):
         y = None
         if x.dtype in (torch.float32, torch.bfloat16, torch.float16):
             name = self.scheme.name
-            if name == "int8" and x.device.type == "cpu":
+            if self.activations == "int8" and x.device.type == "cpu":
+                y = self._w8a8(x2)
+            elif name == "int8" and x.device.type == "cpu":
                 scale = self.weight_scale.reshape(-1).to(x.dtype)
                 y, self.path = (
                     torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, scale),
@@ -112,6 +118,15 @@ class QuantLinear(nn.Module):
         self.path = "int4pack_tinygemm"
         return torch.ops.aten._weight_int4pack_mm(x2.contiguous(), packed, g, scale_zeros)
 
+    def _w8a8(self, x2):
+        """Symmetric per-token activation scales, as compressed-tensors' dynamic `token` strategy takes
+        them (amax / 127.5 (its (qmax - qmin) / 2), round half to even, clamp to [-128, 127])."""
+        x_scale = x2.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 127.5  # (M, 1)
+        xq = torch.round(x2.float() / x_scale).clamp(-128, 127).to(torch.int8)
+        acc = torch._int_mm(xq, self.weight.t())  # (M, N) int32
+        self.path = "int_mm_w8a8"
+        return (acc.float() * x_scale * self.weight_scale.float().reshape(1, -1)).to(x2.dtype)
+
     def _fp8_cuda(self, x2):
         if torch.cuda.get_device_capability(x2.device) < (8, 9) or x2.dtype != torch.bfloat16:
             return None
@@ -134,6 +149,41 @@ class QuantLinear(nn.Module):
     def extra_repr(self):
         g = f", group_size={self.scheme.group_size}" if self.scheme.group_size else ""
         return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme.name}{g}"
+
+
+class QuantEmbedding(QuantLinear):
+    """An nn.Embedding table (V, D) stored like a linear weight of V rows: a lookup dequantizes only the
+    rows it gathers (each stored tensor with V rows is indexed; the scales are per row or per group)."""
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, scheme: Scheme) -> QuantEmbedding:
+        w = emb.weight.detach()
+        m = cls(emb.embedding_dim, emb.num_embeddings, False, scheme, w.dtype, "meta")
+        for name, t in quantize_weight(scheme, w).items():
+            setattr(m, name, (t.view(torch.uint8) if t.dtype == FP8 else t).to(w.device))
+        m.set_dtype(w.dtype, w.device)
+        return m
+
+    def set_dtype(self, dtype, device=None):
+        """The dtype lookups return: an empty buffer, so `model.to(dtype)` moves it with the model (the
+        scales' own dtype is the file's choice: fp8 or e8m0 for the FP4 formats)."""
+        self.register_buffer("dtype_probe", torch.empty(0, dtype=dtype, device=device), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = {}
+        for name, t in self.stored().items():
+            if name == "weight_shape":
+                t = torch.tensor([flat.numel(), self.in_features], dtype=t.dtype)
+            elif t.dim() == 2 and t.shape[0] == self.out_features:
+                t = t[flat]
+            rows[name] = t
+        self.path = "gather_dequantize"
+        out = dequantize_weight(self.scheme, rows, self.dtype_probe.dtype)
+        return out.reshape(*ids.shape, self.in_features)
+
+    def extra_repr(self):
+        return f"num_embeddings={self.out_features}, dim={self.in_features}, scheme={self.scheme.name}"
 
 
 def _prepare_int4(m: QuantLinear, device, dtype):
@@ -202,28 +252,59 @@ def quantizable(model: nn.Module, encoders: bool = False) -> list[str]:
     ]
 
 
+HEAD = "language_model.lm_head"
+EMBEDDINGS = "language_model.model.embed_tokens"
+ACTIVATIONS = (None, "int8")
+
+
 def quantize_model(
     model: nn.Module,
     scheme: str | Scheme = "int8",
     group_size: int | None = None,
     encoders: bool = False,
     modules: list[str] | None = None,
+    head: bool = False,
+    embeddings: bool = False,
+    activations: str | None = None,
 ) -> list[str]:
-    """Swap nn.Linear modules for QuantLinear in place; returns the swapped names. Every shape is checked
-    before anything is swapped, so a refused model is left as it was."""
+    """Swap nn.Linear (and, with embeddings=True, the token nn.Embedding) for QuantLinear/QuantEmbedding
+    in place; returns the swapped names. head/embeddings add the output head and the token embeddings to
+    the default set (or to `modules`). activations="int8" quantizes each linear's input per token on the
+    fly (int8 weights only). Every shape is checked before anything is swapped, so a refused model is
+    left as it was."""
     scheme = scheme if isinstance(scheme, Scheme) else get_scheme(scheme, group_size)
-    modules = quantizable(model, encoders) if modules is None else modules
+    if activations not in ACTIVATIONS:
+        raise ConfigError(f"quantize: activations {activations!r}: expected None or 'int8'")
+    if activations and scheme.name != "int8":
+        raise ConfigError(f"quantize: int8 activations need int8 weights, not {scheme.name}")
+    modules = list(quantizable(model, encoders) if modules is None else modules)
+    extra = [HEAD] * head + [EMBEDDINGS] * embeddings
+    if extra and model.config.decoder.tie_embeddings:
+        raise ConfigError(
+            "quantize: the head and the embeddings share one tensor (tie_embeddings); quantizing either "
+            "is not supported for a tied model"
+        )
+    modules += [n for n in extra if n not in modules]
     if not modules:
         raise ConfigError("quantize: the model has no nn.Linear layers to quantize")
     for name in modules:
         m = model.get_submodule(name)
+        if type(m) is nn.Embedding:
+            check_shape(scheme, name, m.num_embeddings, m.embedding_dim)
+            continue
         if not isinstance(m, nn.Linear):
             raise ConfigError(f"quantize: {name} is a {type(m).__name__}, not an nn.Linear")
         check_shape(scheme, name, m.out_features, m.in_features)
     for name in modules:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, QuantLinear.from_linear(getattr(parent, leaf), scheme))
+        old = getattr(parent, leaf)
+        if type(old) is nn.Embedding:
+            setattr(parent, leaf, QuantEmbedding.from_embedding(old, scheme))
+        else:
+            q = QuantLinear.from_linear(old, scheme)
+            q.activations = activations
+            setattr(parent, leaf, q)
     return modules
 
 

@@ -172,6 +172,45 @@ class TextTokenizer:
         return f"TextTokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
 
 
+# chat.render_chat as the Jinja template transformers' apply_chat_template and vLLM's chat endpoint
+# render: string content is stripped, list content is its text parts plus one marker per medium.
+_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '@SH@' + message['role'] + '@EH@\\n\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] | trim -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] in ('image', 'image_url') -%}{{- '@IMAGE@' -}}"
+    "{%- elif part['type'] in ('audio', 'input_audio') -%}{{- '@AUDIO@' -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '@EOT@' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '@SH@assistant@EH@\\n\\n' -}}{%- endif -%}"
+)
+
+
+def chat_template(tokenizer: TextTokenizer) -> str | None:
+    """The Jinja twin of chat.render_chat for this tokenizer's token names; None if it lacks the header tokens."""
+    ids = (tokenizer.bos_token_id, tokenizer.start_header_id, tokenizer.end_header_id, tokenizer.eot_token_id)
+    if None in ids:
+        return None
+    name = tokenizer.id_to_token
+    marker = {
+        k: name(i) if i is not None else ""
+        for k, i in (("@IMAGE@", tokenizer.image_token_id), ("@AUDIO@", tokenizer.audio_token_id))
+    }
+    out = _CHAT_TEMPLATE
+    for key, value in (
+        ("@SH@", name(ids[1])),
+        ("@EH@", name(ids[2])),
+        ("@EOT@", name(ids[3])),
+        *marker.items(),
+    ):
+        out = out.replace(key, value)
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def _default() -> TextTokenizer:
     if not (ASSET_DIR / "tokenizer.json").is_file():
@@ -239,10 +278,3 @@ def train_tokenizer(files, vocab_size: int, out_dir: str | os.PathLike) -> TextT
                 yield from fh
 
     return train_tokenizer_from_iterator(lines(), vocab_size, out_dir)
-
-
-def cmd_tokenizer_train(args) -> int:
-    """CLI: `omnilm tokenizer train --input FILES --vocab-size N --out DIR`."""
-    tok = train_tokenizer(args.input, args.vocab_size, args.out)
-    print(f"trained byte-level BPE: vocab {tok.vocab_size}, written to {args.out}")
-    return 0

@@ -198,73 +198,69 @@ def _files(folder, suffixes, what: str) -> list[Path]:
     return files
 
 
-def cmd_tokenizer_train_image(args) -> int:
-    """CLI: `omnilm tokenizer train-image (--images DIR | --demo) --out DIR [--steps N] [--image-size S]`."""
-    size = getattr(args, "image_size", None) or 32
-    if getattr(args, "images", None):
-        images = torch.stack(
-            [image_to_tensor(p, size) for p in _files(args.images, IMAGE_SUFFIXES, "images")]
-        )
-        source = f"{len(images)} images from {args.images}"
+def train_image_tokenizer(out, steps: int, images=None, image_size=None, channels=None, codebook_size=None,
+                          device=None, say=print) -> dict:  # fmt: skip
+    """`omnilm tokenizer train-image`: a VQ-VAE on a folder of images (else the demo digits), saved
+    to `out`; returns its metrics."""
+    size = image_size or 32
+    if images:
+        folder = images
+        images = torch.stack([image_to_tensor(p, size) for p in _files(folder, IMAGE_SUFFIXES, "images")])
+        source = f"{len(images)} images from {folder}"
     else:
         images = demo_images(size)
         source = f"{len(images)} demo digits (sklearn), {size}x{size}"
     cfg = ImageVQConfig(
-        image_size=size,
-        channels=getattr(args, "channels", None) or 32,
-        codebook_size=getattr(args, "codebook_size", None) or 256,
-        code_dim=32,
+        image_size=size, channels=channels or 32, codebook_size=codebook_size or 256, code_dim=32
     )
-    print(
+    say(
         f"training image VQ-VAE on {source}: {cfg.grid_size}x{cfg.grid_size} codes, codebook {cfg.codebook_size}"
     )
-    tok, m = ImageTokenizer.train(
-        images, cfg, steps=args.steps, device=getattr(args, "device", None), log_every=max(args.steps // 5, 1)
-    )
-    tok.save(args.out)
-    print(
+    tok, m = ImageTokenizer.train(images, cfg, steps=steps, device=device, log_every=max(steps // 5, 1))
+    tok.save(out)
+    say(
         f"reconstruction PSNR {m['psnr']:.2f} dB, codebook usage {m['codebook_usage']:.1f}% "
-        f"({m['steps']} steps, {m['seconds']:.1f} s); written to {args.out}"
+        f"({m['steps']} steps, {m['seconds']:.1f} s); written to {out}"
     )
-    return 0
+    return m
 
 
-def cmd_tokenizer_train_audio(args) -> int:
-    """CLI: `omnilm tokenizer train-audio (--audio DIR | --demo) --out DIR [--steps N]`."""
+def train_audio_tokenizer(out, steps: int, audio=None, sample_rate=None, channels=None, clips=None,
+                          device=None, say=print) -> dict:  # fmt: skip
+    """`omnilm tokenizer train-audio`: a waveform codec on a folder of audio files (else synthesized
+    DTMF tones), saved to `out`; returns its metrics."""
     from ..processing.audio import load_audio
 
-    cfg = AudioCodecConfig(
-        sample_rate=getattr(args, "sample_rate", None) or 16000,
-        channels=getattr(args, "channels", None) or 16,
-    )
+    cfg = AudioCodecConfig(sample_rate=sample_rate or 16000, channels=channels or 16)
+    n_clips = clips
     seconds = 0.1  # short clips: more of them per batch for the same compute
     clip = int(seconds * cfg.sample_rate)
-    if getattr(args, "audio", None):
+    if audio:
         pieces = []
-        for p in _files(args.audio, AUDIO_SUFFIXES, "audio files"):
+        for p in _files(audio, AUDIO_SUFFIXES, "audio files"):
             wav = torch.from_numpy(load_audio(p, target_rate=cfg.sample_rate))
             wav = F.pad(wav, (0, -wav.numel() % clip))
             pieces.append(wav.view(-1, clip))  # (n, clip): cut into equal clips
         clips = torch.cat(pieces)[:, None]
-        source = f"{len(clips)} clips of {seconds} s from {args.audio}"
+        source = f"{len(clips)} clips of {seconds} s from {audio}"
     else:
-        clips = synth_tones(getattr(args, "clips", None) or 64, sample_rate=cfg.sample_rate, seconds=seconds)
+        clips = synth_tones(n_clips or 64, sample_rate=cfg.sample_rate, seconds=seconds)
         source = f"{len(clips)} synthesized DTMF tone clips of {seconds} s"
-    print(
+    say(
         f"training audio codec on {source}: {cfg.n_q} codebooks of {cfg.codebook_size}, "
         f"{cfg.sample_rate / cfg.hop_length:g} frames/s"
     )
     tok, m = AudioTokenizer.train(
         clips,
         cfg,
-        steps=args.steps,
-        device=getattr(args, "device", None),
+        steps=steps,
+        device=device,
         lr=3e-3,
-        log_every=max(args.steps // 5, 1),
+        log_every=max(steps // 5, 1),
     )
-    tok.save(args.out)
-    print(
+    tok.save(out)
+    say(
         f"SI-SNR {m['si_snr']:.2f} dB, codebook usage {m['codebook_usage']:.1f}% "
-        f"({m['steps']} steps, {m['seconds']:.1f} s); written to {args.out}"
+        f"({m['steps']} steps, {m['seconds']:.1f} s); written to {out}"
     )
-    return 0
+    return m

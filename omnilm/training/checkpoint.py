@@ -259,6 +259,7 @@ def _save_weights(model, tmp: Path):
         copy = model_class(model.config)(model.config)
     load_strict(copy, {k: v.float() for k, v in base.items()}, source="training state")
     retie(copy)
+    copy.export_source = getattr(model, "export_source", None)  # so model/ gets the tokenizer too
     copy.save_pretrained(tmp / "model")
     if any(is_lora_key(k) for k in full):
         save_adapter(model, tmp / "adapter", state=full)

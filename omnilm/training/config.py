@@ -81,7 +81,7 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # linear leaf names
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # or tails: cross_attn.q_proj
     quantize_base: str | None = None  # QLoRA: the frozen base stored as "nf4" or "int4"
 
     def __post_init__(self):

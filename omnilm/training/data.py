@@ -10,6 +10,13 @@ the decoder uses as is), with positions restarting at 0 per document. A document
 never a target (it would be predicted from the previous document), so a packed row's loss is exactly
 the sum of its samples' losses alone.
 
+Cross-attention models (Mllama, `omnilm compose --fusion cross-attention`) take their images
+through the cross-attention layers: an image marker stays one <|image|> token, and the sample keeps
+its tiles, aspect-ratio ids/mask and its cross-attention mask (`TiledImages`), all made by the
+model's MllamaProcessor. Such samples are never packed: a token before its sample's first image
+attends to every image of its row (transformers' rule), so a row shared with another sample would
+mix their images.
+
 The loader's position (epoch, rows consumed) is part of the checkpoint: a resumed run sees exactly
 the batches an uninterrupted one would. Batches are cut from one global order, the same for any
 number of processes; each process takes its contiguous share.
@@ -42,8 +49,29 @@ class Sample:
         default_factory=list
     )  # ("image" | "audio", tensor) per span
 
+    tiled: TiledImages | None = None  # cross-attention images (Mllama); then spans are the markers
+
     def __len__(self):
         return len(self.ids)
+
+
+@dataclass
+class TiledImages:
+    """One sample's N images for cross-attention fusion, as MllamaProcessor gives them."""
+
+    pixel_values: torch.Tensor  # (N, tiles, 3, t, t)
+    aspect_ratio_ids: torch.Tensor  # (N,) 0 marks a padding image
+    aspect_ratio_mask: torch.Tensor  # (N, tiles)
+    cross_attention_mask: torch.Tensor  # (T, N, tiles): 1 where token t sees a tile of image i
+
+    def cut(self, length: int, keep: int) -> TiledImages:
+        """The first `length` tokens and the first `keep` images."""
+        return TiledImages(
+            self.pixel_values[:keep],
+            self.aspect_ratio_ids[:keep],
+            self.aspect_ratio_mask[:keep],
+            self.cross_attention_mask[:length, :keep],
+        )
 
 
 # ---- reading and tokenizing ------------------------------------------------------------------------
@@ -94,6 +122,8 @@ def encode_messages(messages, tokenizer, base_dir: Path, processor=None) -> Samp
     if processor is None:
         kinds = sorted({kind for kind, _ in media})
         raise ConfigError(f"a sample has {', '.join(kinds)} parts but the model has no processor for them")
+    if is_cross_attention_processor(processor):
+        return expand_tiled(ids, labels, media, processor, tokenizer)
     return expand_media(ids, labels, media, processor, tokenizer)
 
 
@@ -119,6 +149,40 @@ def expand_media(ids, labels, media, processor, tokenizer) -> Sample:
         spans.append((start, len(out_ids)))
         tensors.append((kind, tensor))
     return Sample(out_ids, out_labels, spans, tensors)
+
+
+def is_cross_attention_processor(processor) -> bool:
+    from ..processing.mllama import MllamaProcessor
+
+    return isinstance(processor, MllamaProcessor)
+
+
+def expand_tiled(ids, labels, media, processor, tokenizer) -> Sample:
+    """Cross-attention fusion: each image marker becomes the model's one <|image|> token (never a
+    target); the images are tiled and the cross-attention mask built by the MllamaProcessor."""
+    from ..processing.mllama import cross_attention_mask
+
+    kinds = sorted({kind for kind, _ in media if kind != "image"})
+    if kinds:
+        raise ConfigError(
+            f"a cross-attention (mllama) model takes images only, but the sample has {', '.join(kinds)}"
+        )
+    out_ids, out_labels, spans = [], [], []
+    for tok, lab in zip(ids, labels):
+        if tok == tokenizer.image_token_id:
+            spans.append((len(out_ids), len(out_ids) + 1))
+            tok, lab = processor.image_token_id, IGNORE
+        out_ids.append(tok)
+        out_labels.append(lab)
+    images = processor.image_processor([[source for _, source in media]])
+    cam = cross_attention_mask(
+        [out_ids], images["num_tiles"], processor.image_token_id, processor.image_processor.max_num_tiles,
+        len(out_ids),
+    )  # fmt: skip
+    tiled = TiledImages(
+        images["pixel_values"][0], images["aspect_ratio_ids"][0], images["aspect_ratio_mask"][0], cam[0]
+    )
+    return Sample(out_ids, out_labels, spans, tiled=tiled)
 
 
 def _resolve_media_paths(messages, base_dir: Path):
@@ -185,7 +249,8 @@ def truncate(sample: Sample, max_len: int) -> Sample | None:
             cut = start
             break
     keep = sum(1 for _, end in sample.spans if end <= cut)
-    out = Sample(sample.ids[:cut], sample.labels[:cut], sample.spans[:keep], sample.media[:keep])
+    tiled = None if sample.tiled is None else sample.tiled.cut(cut, keep)
+    out = Sample(sample.ids[:cut], sample.labels[:cut], sample.spans[:keep], sample.media[:keep], tiled)
     if len(out) < 2 or all(lab == IGNORE for lab in out.labels[1:]):
         return None
     return out
@@ -195,6 +260,11 @@ def pack(
     samples: list[Sample], seq_len: int, packed: bool = True, overflow: str = "truncate"
 ) -> list[list[Sample]]:
     """Greedy packing in order: a row is closed when the next sample does not fit."""
+    if packed and any(s.tiled is not None for s in samples):
+        raise ConfigError(
+            "data.pack: samples with cross-attention images cannot share a row (text before a "
+            "sample's first image attends to every image of its row); set data.pack: false"
+        )
     rows, row, used = [], [], 0
     for sample in samples:
         if len(sample) > seq_len:
@@ -216,7 +286,9 @@ def pack(
 def collate_rows(rows: list[list[Sample]], seq_len: int, pad_id: int) -> dict:
     """Rows of samples -> tensors: input_ids, labels, position_ids (B, T); attention_mask (B, 1, T, T)
     boolean, left out when each row is one whole document; pixel_values / input_features (media in
-    row-major placeholder order)."""
+    row-major placeholder order). Cross-attention images: pixel_values (B, N, tiles, 3, t, t),
+    aspect_ratio_ids (B, N), aspect_ratio_mask (B, N, tiles), cross_attention_mask (B, T, N, tiles),
+    rows with fewer images padded with images of id 0 (which no token sees)."""
     B = len(rows)
     input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((B, seq_len), IGNORE, dtype=torch.long)
@@ -246,7 +318,39 @@ def collate_rows(rows: list[list[Sample]], seq_len: int, pad_id: int) -> dict:
         batch["pixel_values"] = torch.cat(media["image"])  # (N_images, 3, H, W)
     if media["audio"]:
         batch["input_features"] = torch.cat(media["audio"])  # (N_windows, ...)
+    if any(sample.tiled is not None for row in rows for sample in row):
+        batch.update(collate_tiled(rows, seq_len))
     return batch
+
+
+def collate_tiled(rows: list[list[Sample]], seq_len: int) -> dict:
+    tiled = [[s.tiled for s in row if s.tiled is not None] for row in rows]
+    first = next(t for row in tiled for t in row)
+    N = max(sum(len(t.aspect_ratio_ids) for t in row) for row in tiled)
+    B, tiles = len(rows), first.pixel_values.shape[1]
+    pixel_values = first.pixel_values.new_zeros(B, N, *first.pixel_values.shape[1:])
+    ids = torch.zeros(B, N, dtype=torch.long)
+    ar_mask = torch.zeros(B, N, tiles, dtype=torch.long)
+    ar_mask[:, :, 0] = 1  # padding images keep their first tile "on", as the processor does
+    cam = torch.zeros(B, seq_len, N, tiles, dtype=torch.long)
+    for b, row in enumerate(rows):
+        offset, n0 = 0, 0
+        for sample in row:
+            t = sample.tiled
+            if t is not None:
+                n = len(t.aspect_ratio_ids)
+                pixel_values[b, n0 : n0 + n] = t.pixel_values
+                ids[b, n0 : n0 + n] = t.aspect_ratio_ids
+                ar_mask[b, n0 : n0 + n] = t.aspect_ratio_mask
+                cam[b, offset : offset + len(sample), n0 : n0 + n] = t.cross_attention_mask
+                n0 += n
+            offset += len(sample)
+    return {
+        "pixel_values": pixel_values,
+        "aspect_ratio_ids": ids,
+        "aspect_ratio_mask": ar_mask,
+        "cross_attention_mask": cam,
+    }
 
 
 # ---- the resumable loader ---------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ..config import PRESETS
 from ..errors import ConfigError
 from ..models.loss import next_token_loss
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig, load_train_config
+from .config import TrainConfig
 from .data import IGNORE, ResumableLoader, load_samples, pack
 from .guard import NonFiniteGuard
 from .optim import build_optimizer, build_scheduler, freeze
@@ -71,7 +71,17 @@ def load_tokenizer(cfg: TrainConfig, vocab_size: int):
 
 def load_processor(cfg: TrainConfig, model, tokenizer):
     """The multimodal processor of a model with encoders (None for text-only models): the model
-    directory's own, or one built from the preset's config."""
+    directory's own, or one built from the preset's config. A cross-attention (Mllama) model's is
+    its directory's MllamaProcessor, sharing the training tokenizer."""
+    if getattr(model.config, "cross_attention", None) is not None:
+        if cfg.model in PRESETS:
+            raise ConfigError(
+                f"model {cfg.model!r}: a cross-attention preset has no image processor; train from a "
+                "model directory (e.g. one written by `omnilm compose --fusion cross-attention`)"
+            )
+        from ..api import load_processor as load_model_processor
+
+        return load_model_processor(cfg.resolve(cfg.model), tokenizer)
     if model.vision_tower is None and model.audio_tower is None:
         return None
     from ..processing.multimodal import Processor
@@ -141,6 +151,8 @@ class Trainer:
         self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
         tok = load_tokenizer(cfg, model.config.decoder.vocab_size)
+        # checkpoints' model/ carries the tokenizer the model was trained with
+        model.export_source = Path(tok.source).parent
         samples = load_samples(cfg.resolve(cfg.data.path), tok, load_processor(cfg, model, tok))
         rows = pack(samples, cfg.data.seq_len, cfg.data.pack, cfg.data.overflow)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -327,15 +339,3 @@ def train(
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def cmd_train(args) -> int:
-    """`omnilm train --config FILE [--out DIR] [--max-steps N] [--resume]`."""
-    cfg = load_train_config(args.config)
-    out = Path(args.out or cfg.out)
-    history = train(cfg, out, max_steps=args.max_steps, resume=args.resume)
-    if history and (not dist.is_initialized() or dist.get_rank() == 0):
-        first, last = history[0], history[-1]
-        print(f"steps {first['step']}-{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
-              f"checkpoints in {out / 'checkpoints'}")  # fmt: skip
-    return 0

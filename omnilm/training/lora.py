@@ -79,7 +79,8 @@ def apply_lora(
     modules: list[str] | None = None,
 ) -> list[str]:
     """Swap nn.Linear leaves named in `targets` under `scope` (or exactly the named `modules`) for
-    LoRALinear and freeze everything else. Returns the wrapped module names."""
+    LoRALinear and freeze everything else. A target is a leaf name (q_proj) or a dotted tail of the
+    module name (cross_attn.q_proj: only Mllama's cross-attention). Returns the wrapped module names."""
     if rank < 1:
         raise ConfigError(f"LoRA rank must be >= 1, got {rank}")
     if modules is None:
@@ -87,7 +88,7 @@ def apply_lora(
             name
             for name, m in model.named_modules()
             if isinstance(m, nn.Linear)
-            and name.rsplit(".", 1)[-1] in targets
+            and any(name == t or name.endswith("." + t) for t in targets)  # a leaf or a dotted tail
             and (not scope or name.startswith(scope + "."))
         ]
         if not modules:
