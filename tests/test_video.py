@@ -210,7 +210,7 @@ FAST_VIDEO_CASES = ("mp4_cut_0.6", "ftyp_garbage", "no_video_stream", "absurd_ra
 # One subprocess checks all cases: a crash (segfault in a decoder) fails the test instead of pytest.
 CHECKER = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     from omnilm.errors import MediaError
     from omnilm.processing.documents import load_document
     results = {}
@@ -223,7 +223,8 @@ CHECKER = textwrap.dedent(
             outcome = "error" if path.split("/")[-1] in str(e) else "unnamed:" + str(e)[:200]
         except Exception as e:
             outcome = "crash:" + type(e).__name__ + ": " + str(e)[:200]
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # VmHWM: this process's own peak (ru_maxrss also holds the forking pytest process's peak)
+        rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024
         results[path] = (outcome, time.time() - start, rss)
     print(json.dumps(results))
     """
