@@ -18,6 +18,7 @@ import json
 import threading
 import time
 import uuid
+import weakref
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -462,11 +463,38 @@ def _config(b, body, n_prompt: int, max_tokens, logprobs, allow_zero=False):
         raise _user_error(e) from None
 
 
+class _Handoff:
+    """Engine events to the event loop: the engine thread appends (sink, event) pairs and wakes the
+    loop once for all the events of a step, not once per token per request (each wake-up is a write
+    to the loop's self-pipe and a callback, which at 16 streams cost more than the step's tokens)."""
+
+    def __init__(self, loop):
+        self.loop, self.lock, self.pending, self.scheduled = loop, threading.Lock(), [], False
+
+    def put(self, sink, ev):
+        with self.lock:
+            self.pending.append((sink, ev))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self):
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for sink, ev in items:
+            sink.put_nowait(ev)
+
+
+_handoffs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per event loop
+
+
 def _submit(b, prompt, media, cfg, loop, sink):
+    handoff = _handoffs.get(loop)
+    if handoff is None:
+        handoff = _handoffs[loop] = _Handoff(loop)
     try:
-        return b.submit(
-            prompt, cfg, media, on_event=lambda ev: loop.call_soon_threadsafe(sink.put_nowait, ev)
-        )
+        return b.submit(prompt, cfg, media, on_event=lambda ev: handoff.put(sink, ev))
     except OmniLMError as e:
         raise _user_error(e) from None
 
@@ -647,21 +675,24 @@ async def _stream(request, state, b, body, prompt, media, cfg, chat: bool):
         return {"id": ident, "object": "text_completion", "created": created, "model": state.model_name,
                 "choices": [choice]}  # fmt: skip
 
-    async def one(index, req, sink, out: asyncio.Queue):
+    async def choice(index, req, sink):
+        """One choice's chunks, then ("done", completion tokens)."""
         from ..generation.text import TextStream
 
         text = TextStream(b.processor.tokenizer, cfg.stop_strings)
         finish, count, piece, lps = "length", 0, "", []
 
-        async def flush():
+        def flush():
             nonlocal piece, lps
+            item = None
             if piece or lps:
                 lp = {"content": lps} if lps else None
-                await out.put(chunk(index, {"content": piece}, text=piece, logprobs=lp))
+                item = chunk(index, {"content": piece}, text=piece, logprobs=lp)
             piece, lps = "", []
+            return item
 
         if chat:
-            await out.put(chunk(index, {"role": "assistant", "content": ""}))
+            yield chunk(index, {"role": "assistant", "content": ""})
         try:
             async for ev in _events(request, req, sink, state, time.monotonic()):
                 if ev.finish_reason == "error":
@@ -677,25 +708,50 @@ async def _stream(request, state, b, body, prompt, media, cfg, chat: bool):
                         break
                 if ev.finish_reason is not None:
                     finish = "length" if ev.finish_reason == "length" else "stop"
-                elif sink.qsize() == 0:  # tokens that are already waiting go out in one chunk
-                    await flush()
+                elif sink.qsize() == 0 and (item := flush()):  # waiting tokens go out in one chunk
+                    yield item
             if not text.stopped:
                 piece += text.finish()
-            await flush()
-            await out.put(chunk(index, {}, finish=finish))
+            if item := flush():
+                yield item
+            yield chunk(index, {}, finish=finish)
         finally:
             state.metrics.tokens_out.inc(count)
-            await out.put(("done", count))
+        yield ("done", count)
 
-    async def events():
+    async def one(index, req, sink, out: asyncio.Queue):
+        finished = False
+        try:
+            async for item in choice(index, req, sink):
+                finished = finished or isinstance(item, tuple)
+                await out.put(item)
+        finally:  # the merge below counts one "done" per choice, whatever happened
+            if not finished:
+                await out.put(("done", 0))
+
+    async def items():
+        """Every choice's chunks: one choice streams directly; several are merged as they come."""
+        if len(reqs) == 1:
+            async for item in choice(0, *reqs[0]):
+                yield item
+            return
         out: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(one(i, r, s, out)) for i, (r, s) in enumerate(reqs)]
-        done, completion = 0, 0
         try:
+            done = 0
             while done < len(tasks):
                 item = await out.get()
+                done += isinstance(item, tuple)
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def events():
+        completion = 0
+        try:
+            async for item in items():
                 if isinstance(item, tuple):
-                    done += 1
                     completion += item[1]
                     continue
                 yield _sse(item)
@@ -706,8 +762,6 @@ async def _stream(request, state, b, body, prompt, media, cfg, chat: bool):
                             "created": created, "model": state.model_name, "choices": [], "usage": usage})  # fmt: skip
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we finished): stop every choice at once
-            for t in tasks:
-                t.cancel()
             for r, _ in reqs:
                 r.cancel()
 
