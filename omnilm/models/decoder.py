@@ -71,18 +71,7 @@ class Decoder(nn.Module):
             position_ids = positions_from_mask(attention_mask, cache_position, B)
         rope = rope_cos_sin(position_ids, self.inv_freq, x.dtype) if self.cfg.use_rope else None
 
-        is_causal = False
-        if attention_mask is not None and attention_mask.dim() == 4:
-            mask = attention_mask.bool()
-        elif attention_mask is None and (cache is None or kv_len == T):
-            # no padding and no earlier cache entries (kv_len == T is a prefill into an empty cache):
-            # plain causal attention, which lets SDPA pick its flash kernel
-            mask, is_causal = None, True
-        elif attention_mask is None and T == 1 and kv_len is not None:
-            mask = None  # one new token over the kv_len filled slots sees all of them
-        else:
-            S = kv_len if kv_len is not None else (cache.max_len if cache is not None else T)
-            mask = causal_mask(cache_position, S, attention_mask)
+        mask, is_causal = self_attention_mask(attention_mask, cache, cache_position, kv_len, T)
         window_mask = None
         if self.cfg.layer_types is not None and "sliding_attention" in self.cfg.layer_types:
             # the query slots: each row's positions unless a (B, S) mask left-pads rows (slots then differ
@@ -110,6 +99,21 @@ def sliding_window_mask(mask, cache_position, q_slots, kv_len: int, window: int)
         mask = causal_mask(cache_position, kv_len)
     k_slots = torch.arange(mask.shape[-1], device=cache_position.device)
     return mask & (k_slots[None, None, :] > q_slots[:, :, None] - window)[:, None]
+
+
+def self_attention_mask(attention_mask, cache, cache_position, kv_len, T: int):
+    """(mask, is_causal) for the self-attention of T new tokens: a (B, 1, T, S) boolean mask is used
+    as is; no padding and no earlier cache entries (kv_len == T: a prefill into an empty cache) is
+    plain causal attention, which lets SDPA pick its flash kernel; one new token over the kv_len
+    filled slots sees all of them; anything else gets a causal mask over the cache slots."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool(), False
+    if attention_mask is None and (cache is None or kv_len == T):
+        return None, True
+    if attention_mask is None and T == 1 and kv_len is not None:
+        return None, False
+    S = kv_len if kv_len is not None else (cache.max_len if cache is not None else T)
+    return causal_mask(cache_position, S, attention_mask), False
 
 
 def positions_from_mask(attention_mask, cache_position, batch):

@@ -20,7 +20,6 @@ from torch import nn
 
 from ..config import CrossAttentionConfig, DecoderConfig, MllamaVisionConfig, ModelConfig
 from ..errors import ConfigError
-from .common.attention import causal_mask
 from .common.kv_cache import StaticCache
 from .common.norms import make_norm
 from .common.rope import rope_cos_sin, rope_inv_freq
@@ -31,7 +30,7 @@ from .cross_attention import (
     cross_attention_masks,
     state_rows,
 )
-from .decoder import Block, CausalLMOutput, positions_from_mask
+from .decoder import Block, CausalLMOutput, positions_from_mask, self_attention_mask
 from .loss import next_token_loss
 from .mllama_vision import MllamaVisionModel
 from .omni import OmniModel
@@ -91,16 +90,7 @@ class MllamaTextModel(nn.Module):
         rope = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         if cross is None and cache is not None:
             cross = getattr(cache, "cross", None)  # MllamaCache; the engine passes states explicitly
-        is_causal = False
-        if attention_mask is not None and attention_mask.dim() == 4:
-            mask = attention_mask.bool()
-        elif attention_mask is None and (cache is None or kv_len == T):
-            mask, is_causal = None, True
-        elif attention_mask is None and T == 1 and kv_len is not None:
-            mask = None
-        else:
-            S = kv_len if kv_len is not None else (cache.max_len if cache is not None else T)
-            mask = causal_mask(cache_position, S, attention_mask)
+        mask, is_causal = self_attention_mask(attention_mask, cache, cache_position, kv_len, T)
         for i, layer in enumerate(self.layers):
             if isinstance(layer, CrossAttentionBlock):
                 if cross is not None:
