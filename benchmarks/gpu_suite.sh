@@ -19,7 +19,7 @@ run() {  # name, time limit in seconds, command...
     echo "   exit $? -> $OUT/$name.md"
 }
 
-run generate 60 $PY benchmarks/bench_generate.py --preset llama-3.2-1b --repeats 2
+run generate 55 $PY benchmarks/bench_generate.py --preset llama-3.2-1b --repeats 2
 run batching 45 $PY benchmarks/bench_batching.py --device cuda --dtype bfloat16 --requests 256 --max-batch 128
 run vision 30 $PY benchmarks/bench_vision.py
 run audio 30 $PY benchmarks/bench_audio.py
@@ -29,5 +29,5 @@ run mllama 60 $PY benchmarks/bench_mllama.py --device cuda --new 64 --repeats 2
 run serve 60 $PY benchmarks/bench_serve.py --device cuda --clients 1 4 16 64 --max-tokens 128
 # low-bit inference: fp8 through torch._scaled_mm (capability >= 8.9), int4 through tinygemm, vs bf16 and
 # transformers bf16 (the SQNR section runs on the CPU)
-run quant 90 $PY benchmarks/bench_quant.py --device cuda --threads 4 --tokens 128 --sections sqnr,speed --rounds 3 --speed-schemes int8,int4,int4+head,fp8,nvfp4,mxfp4
+run quant 80 $PY benchmarks/bench_quant.py --device cuda --threads 4 --tokens 128 --sections sqnr,speed --rounds 3 --speed-schemes int8,int4,int4+head,fp8,nvfp4,mxfp4
 run load 30 $PY benchmarks/bench_load.py --device cuda
