@@ -164,3 +164,14 @@ def test_sparse_configs_take_transformers_defaults():
         ref.vocab_size, ref.num_key_value_heads, ref.rope_parameters["rope_theta"]
     )  # fmt: skip
     assert vq.codebook_size == transformers.Emu3VQVAEConfig().codebook_size
+
+
+def test_hostile_qwen2_config_is_refused_before_building(tmp_path):
+    """The Qwen2 loader shares the Llama loader's checks: a config claiming 10^7 layers is one
+    typed error at once, not a multi-gigabyte build."""
+    _, path = tiny_qwen2(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 10**7
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(omnilm.errors.OmniLMError, match="config.json"):
+        omnilm.load(path)

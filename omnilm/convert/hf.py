@@ -305,11 +305,12 @@ def llama_state_from_hf(state: dict, cfg: DecoderConfig, prefix: str = "") -> di
     return out
 
 
-def load_llama(path, hf_config: dict, device=None, dtype=None):
+def load_llama(path, hf_config: dict, device=None, dtype=None, config_from_hf=None):
+    """A Llama-layout decoder directory (config_from_hf: the family's config reader, e.g. Qwen2's)."""
     from ..models.omni import OmniModel
 
     with validate.config_errors(f"{path}/config.json"):
-        cfg = ModelConfig(decoder=decoder_config_from_hf(hf_config), source=str(path))
+        cfg = ModelConfig(decoder=(config_from_hf or decoder_config_from_hf)(hf_config), source=str(path))
     validate.check_model_size(cfg.decoder, f"{path}/config.json", dtype)
     with init_empty_weights():
         model = OmniModel(cfg)
@@ -319,14 +320,14 @@ def load_llama(path, hf_config: dict, device=None, dtype=None):
     return model.eval()
 
 
-def save_llama(model, path):
+def save_llama(model, path, config_to_hf=None):
     path = Path(path)
     lm = model.language_model
     state = dict(lm.state_dict())
     if lm.cfg.tie_embeddings:
         state.pop("lm_head.weight")
     path.mkdir(parents=True, exist_ok=True)
-    hf = decoder_config_to_hf(lm.cfg)
+    hf = (config_to_hf or decoder_config_to_hf)(lm.cfg)
     hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(hf, indent=2))
     write_state_dict(state, path)

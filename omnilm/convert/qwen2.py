@@ -8,21 +8,9 @@ identical to Llama's, so the state dict maps by identity (plus the tied head).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from ..config import DecoderConfig, ModelConfig
+from ..config import DecoderConfig
 from ..errors import CheckpointError
-from .hf import (
-    decoder_config_from_hf,
-    decoder_config_to_hf,
-    init_empty_weights,
-    llama_state_from_hf,
-    load_strict,
-    read_state_dict,
-    retie,
-    write_state_dict,
-)
+from .hf import decoder_config_from_hf, decoder_config_to_hf, load_llama, save_llama
 
 
 def qwen2_layer_types(d: dict) -> tuple[int | None, list[str] | None]:
@@ -92,25 +80,9 @@ def qwen2_decoder_config_to_hf(cfg: DecoderConfig) -> dict:
 
 
 def load_qwen2(path, hf_config: dict, device=None, dtype=None):
-    from ..models.omni import OmniModel
-
-    cfg = ModelConfig(decoder=qwen2_decoder_config_from_hf(hf_config), source=str(path))
-    with init_empty_weights():
-        model = OmniModel(cfg)
-    state = llama_state_from_hf(read_state_dict(path), cfg.decoder)
-    load_strict(model.language_model, state, source=str(path), dtype=dtype, device=device)
-    retie(model)
-    return model.eval()
+    """The Llama loader (validation, meta build, strict keys) with Qwen2's config reader."""
+    return load_llama(path, hf_config, device, dtype, config_from_hf=qwen2_decoder_config_from_hf)
 
 
 def save_qwen2(model, path):
-    path = Path(path)
-    lm = model.language_model
-    state = dict(lm.state_dict())
-    if lm.cfg.tie_embeddings:
-        state.pop("lm_head.weight")
-    path.mkdir(parents=True, exist_ok=True)
-    hf = qwen2_decoder_config_to_hf(lm.cfg)
-    hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    (path / "config.json").write_text(json.dumps(hf, indent=2))
-    write_state_dict(state, path)
+    save_llama(model, path, config_to_hf=qwen2_decoder_config_to_hf)
