@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli_errors import assert_one_line_error, run_cli
 
 import omnilm
-from omnilm.cli import main
 from omnilm.config import CrossAttentionConfig, DecoderConfig, MllamaVisionConfig, ModelConfig
 from omnilm.tokenizers.text import TextTokenizer
 
@@ -64,22 +64,6 @@ def model_dir(tmp_path_factory):
     for name, (w, h) in {"square.png": (30, 30), "wide.jpg": (200, 20)}.items():
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / name)
     return root
-
-
-def run_cli(capsys, *args):
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err, *needles):
-    assert rc == 2, (rc, err)
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
 
 
 def test_build_save_load_round_trip(model_dir):

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli_errors import assert_one_line_error, run_cli
 
 import omnilm
 from omnilm import cli
-from omnilm.cli import build_parser, main
+from omnilm.cli import build_parser
 from omnilm.convert import audio as audio_mod
 from omnilm.convert import codec as codec_mod
 from omnilm.convert import compose as compose_mod
@@ -29,23 +30,6 @@ from omnilm.tokenizers.text import TextTokenizer
 
 DEMO = omnilm.BUNDLED_MODELS["demo"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def run_cli(capsys, *args):
-    try:
-        rc = main([str(a) for a in args])
-    except SystemExit as e:  # argparse usage errors leave through sys.exit
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err, *needles):
-    assert rc == 2, (rc, err)
-    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n.lower() in err.lower(), (n, err)
 
 
 def digest(path):
