@@ -229,3 +229,17 @@ def test_grouped_query_attention_equals_sdpa():
         q3, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask3
     )
     assert (grouped_query_attention(q3, k, v, mask3) - ref3).abs().max() < 1e-5
+
+
+def test_generate_keeps_the_public_signature_and_a_passed_generation_config(model):
+    """ARCHITECTURE.md's order (input_ids, attention_mask, max_new_tokens, ...) works positionally, and
+    an explicit generation_config is not overridden by the keyword defaults."""
+    from omnilm.generation import GenerationConfig
+
+    ids = prompt(6, seed=11)
+    assert model.generate(ids, None, 5, eos_token_id=[]).shape == (1, 11)
+    cfg = GenerationConfig(max_new_tokens=7, temperature=1.0, top_k=50, seed=5, eos_token_id=[])
+    sampled = model.generate(ids, generation_config=cfg)
+    assert torch.equal(sampled, model.generate(ids, max_new_tokens=7, temperature=1.0, top_k=50, seed=5,
+                                               eos_token_id=[]))  # fmt: skip
+    assert not torch.equal(sampled, model.generate(ids, max_new_tokens=7, eos_token_id=[]))  # not greedy

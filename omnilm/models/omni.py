@@ -209,9 +209,18 @@ class OmniModel(nn.Module):
 
     # generate/stream/save_pretrained run in the layers above (the engine, the converters), which
     # models/ does not import: omnilm/__init__.py registers them in omnilm/hooks.py.
-    def generate(self, input_ids, attention_mask=None, **settings):
-        """Prompt plus new tokens (B, T + n), like transformers' generate (omnilm.generation.engine)."""
-        return _hook("generate")(self, input_ids, attention_mask=attention_mask, **settings)
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=None, temperature=None, top_k=None,
+                 top_p=None, eos_token_id=None, seed=None, pixel_values=None, input_features=None,
+                 **settings):  # fmt: skip
+        """Prompt plus new tokens (B, T + n), like transformers' generate (omnilm.generation.generate).
+        None leaves a setting at GenerationConfig's default (64 new tokens, greedy) or at a passed
+        `generation_config`'s; settings: the other GenerationConfig fields (min_p, repetition_penalty,
+        guidance_scale, ...) and a family's inputs (aspect_ratio_ids, feature_attention_mask, ...)."""
+        return _hook("generate")(
+            self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, seed=seed,
+            pixel_values=pixel_values, input_features=input_features, **settings,
+        )  # fmt: skip
 
     def stream(self, input_ids, **settings):
         """Yield new tokens as (B,) tensors while they are produced."""
