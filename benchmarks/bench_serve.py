@@ -6,7 +6,9 @@ Without --model a small random Llama (transformers' LlamaForCausalLM, OmniLM's t
 shaped chat template) is written to a temporary directory, so both servers read the same files.
 Each level starts `clients` streaming chat requests at once (each client `--requests` in a row) and
 reports completion tokens/s over the level's wall time (tokens from the usage chunk), p50/p99 time to
-first token and of each request's mean inter-token latency. A server that does not start (transformers serve needs its extras) is reported, not fatal.
+first token and of each request's mean inter-token latency. A server that does not start (transformers
+serve needs its extras) is reported, not fatal. Levels run interleaved (for each round, each client
+count, each server), and the table gives medians over --rounds with the tokens/s range.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ TEMPLATE = (
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
+
+
+FAILURES: list[str] = []  # why requests failed, the first few printed with the table
 
 
 def make_checkpoint(out: Path, hidden=256, layers=4) -> Path:
@@ -59,8 +64,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd, port, timeout=180):
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+def start(cmd, port, threads=None, timeout=180):
+    # Each server's own default thread count unless told: omnilm serve leaves a core to its HTTP front
+    # end; transformers serve takes torch's default. The peer also runs with one thread (a row of its
+    # own) and the ratios take its better figure, so no setting of ours handicaps it.
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     # the log goes to a file: a pipe nobody reads fills up and stalls a chatty server mid-run
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -85,7 +95,8 @@ async def one_request(client, url, model, max_tokens, prompt):
 
     try:
         return await _one_request(client, url, model, max_tokens, prompt)
-    except httpx.HTTPError:  # a dropped connection counts as a failed request
+    except httpx.HTTPError as e:  # a dropped connection counts as a failed request
+        FAILURES.append(f"{type(e).__name__}: {e}")
         return None
 
 
@@ -96,6 +107,7 @@ async def _one_request(client, url, model, max_tokens, prompt):
     stamps, usage = [], None
     async with client.stream("POST", url, json=body) as r:
         if r.status_code != 200:
+            FAILURES.append(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
             return None
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -141,11 +153,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--requests", type=int, default=1, help="requests per client, one after another")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians and ranges reported")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-batch", type=int, default=16, help="omnilm serve --max-batch")
-    ap.add_argument("--servers", nargs="+", default=["omnilm", "transformers"])
+    ap.add_argument("--servers", nargs="+", default=["omnilm", "transformers", "transformers-1t"],
+                    help="transformers-1t: transformers serve with OMP_NUM_THREADS=1")  # fmt: skip
     args = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -157,6 +171,7 @@ def main():
         # jobs on the machine drifts, and interleaving spreads it over both alike. An idle server sleeps.
         for name in args.servers:
             port = free_port()
+            threads = 1 if name.endswith("-1t") else None
             if name == "omnilm":
                 cmd = [sys.executable, "-m", "omnilm", "serve", "--model", str(model_dir), "--port", str(port),
                        "--device", args.device, "--max-queue", "256", "--max-batch", str(args.max_batch)]  # fmt: skip
@@ -165,37 +180,45 @@ def main():
                 cmd = [str(exe / "transformers"), "serve", str(model_dir), "--port", str(port),
                        "--continuous-batching", "--device", args.device]  # fmt: skip
                 served = str(model_dir)
-            proc, problem = start(cmd, port)
+            proc, problem = start(cmd, port, threads)
             procs.append(proc)
             if problem:
                 print(f"{name}: not measured ({problem.strip()})")
                 continue
             servers[name] = (f"http://127.0.0.1:{port}", served)
             asyncio.run(level(*servers[name], 1, 1, 4))  # warm-up
-        rows = []
-        for c in args.clients:
-            for name, (base, served) in servers.items():
-                r = asyncio.run(level(base, served, c, args.requests, args.max_tokens))
-                rows.append((name, c, r))
-                print(f"{name} clients={c}: {r}", flush=True)
+        runs = {}  # (server, clients) -> one result per round
+        for k in range(args.rounds):
+            for c in args.clients:
+                for name, (base, served) in servers.items():
+                    r = asyncio.run(level(base, served, c, args.requests, args.max_tokens))
+                    runs.setdefault((name, c), []).append(r)
+                    print(f"round {k} {name} clients={c}: {r}", flush=True)
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(30)
+    rows = [(name, c, {key: float(np.median([r[key] for r in rs])) for key in rs[0]}, [r["tok_s"] for r in rs])
+            for (name, c), rs in runs.items()]  # fmt: skip
 
+    print(f"\nmedians of {args.rounds} interleaved rounds; tok/s range in brackets")
     print(
-        "\n| server | clients | completion tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | failed |"
+        "| server | clients | completion tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | failed |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for name, c, r in rows:
-        print(f"| {name} | {c} | {r['tok_s']:.1f} | {r['ttft50']:.0f} | {r['ttft99']:.0f} | {r['itl50']:.1f} | "
-              f"{r['itl99']:.1f} | {r['failed']} |")  # fmt: skip
+    for name, c, r, all_tok in sorted(rows, key=lambda row: (row[1], row[0])):
+        print(f"| {name} | {c} | {r['tok_s']:.0f} ({min(all_tok):.0f}-{max(all_tok):.0f}) | {r['ttft50']:.0f} | "
+              f"{r['ttft99']:.0f} | {r['itl50']:.1f} | {r['itl99']:.1f} | {r['failed']:.0f} |")  # fmt: skip
     for c in args.clients:
-        got = {n: r["tok_s"] for n, cc, r in rows if cc == c}
-        if len(got) == 2 and got.get("transformers"):
-            print(f"clients={c}: omnilm / transformers = {got['omnilm'] / got['transformers']:.2f}x")
-    one = {n: r["tok_s"] for n, cc, r in rows if cc == 1}
-    for n, c, r in rows:
+        got = {n: r["tok_s"] for n, cc, r, _ in rows if cc == c}
+        peers = {n: v for n, v in got.items() if n.startswith("transformers") and v}
+        if "omnilm" in got and peers:
+            best = max(peers, key=peers.get)
+            print(f"clients={c}: omnilm / {best} (the better peer) = {got['omnilm'] / peers[best]:.2f}x")
+    for why in sorted(set(FAILURES))[:5]:
+        print(f"failed request: {why}")
+    one = {n: r["tok_s"] for n, cc, r, _ in rows if cc == 1}
+    for n, c, r, _ in rows:
         if c == 16 and one.get(n):
             print(f"{n}: 16 clients / 1 client throughput = {r['tok_s'] / one[n]:.2f}x")
 

@@ -126,7 +126,8 @@ def cmd_serve(args):
     _check_device(args.device)
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("OMNILM_API_KEY"),
           max_queue=args.max_queue, max_batch=args.max_batch, device=args.device, dtype=args.dtype,
-          allow_media_url=args.allow_media_url, allow_local_media=args.allow_local_media)  # fmt: skip
+          allow_media_url=args.allow_media_url, allow_local_media=args.allow_local_media,
+          threads=args.threads)  # fmt: skip
 
 
 def cmd_chat(args):
@@ -511,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-local-media", default=None, metavar="DIR", help="read file:// media under DIR")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument(
+        "--threads", type=_positive_int, default=None,
+        help="torch threads (default: OMP_NUM_THREADS, else the physical cores less one, kept for HTTP)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat in the terminal (/image, /audio, /file, /system, /reset, /save)")

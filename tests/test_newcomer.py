@@ -441,6 +441,18 @@ def test_default_threads_are_the_physical_cores_available(monkeypatch):
     assert threads.busy_note(2) == ""
 
 
+def test_a_server_leaves_one_core_to_its_front_end(monkeypatch):
+    from omnilm import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "physical_cores", lambda cpus=None: 4)
+    assert threads.serving_threads()[0] == 3
+    monkeypatch.setattr(threads, "physical_cores", lambda cpus=None: 1)
+    assert threads.serving_threads()[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.serving_threads() == (2, "OMP_NUM_THREADS")
+
+
 def test_train_log_says_how_many_threads(tmp_path, monkeypatch, capsys):
     import omnilm.training.config as config
     import omnilm.training.loop as loop

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 
 def serve(model, host="127.0.0.1", port=8000, api_key=None, max_queue=64, max_batch=16, device=None,
-          dtype=None, allow_media_url=False, allow_local_media=None, drain_seconds=30.0):  # fmt: skip
+          dtype=None, allow_media_url=False, allow_local_media=None, drain_seconds=30.0, threads=None):  # fmt: skip
     """Run the server until SIGINT/SIGTERM; on SIGTERM in-flight requests get `drain_seconds` to finish.
-    A model that fails to load stops the server and raises its error (the CLI's one-line `error:`)."""
+    A model that fails to load stops the server and raises its error (the CLI's one-line `error:`).
+    threads: torch's intra-op threads (default: threads.serving_threads, one core left to HTTP)."""
     import uvicorn
 
     from ..errors import OmniLMError
@@ -15,8 +16,11 @@ def serve(model, host="127.0.0.1", port=8000, api_key=None, max_queue=64, max_ba
     failure = []
 
     def load():
+        from ..threads import set_threads
         from .backend import Backend  # imports torch: in the loading thread, after the socket is open
 
+        n, why = set_threads(threads, serving=True)
+        print(f"omnilm serve: {n} torch threads ({why})", flush=True)
         try:
             backend = Backend.load(
                 model, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue
