@@ -33,6 +33,7 @@ TEMPLATE = (
 )
 
 
+SERVER_CPUS: set[int] = set()  # --pin: the servers run here, this process (the clients) elsewhere
 FAILURES: list[str] = []  # why requests failed, the first few printed with the table
 
 
@@ -58,10 +59,16 @@ def make_checkpoint(out: Path, hidden=256, layers=4) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (held together while chosen, so no two servers are handed the same one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def start(cmd, port, threads=None, timeout=180):
@@ -73,7 +80,9 @@ def start(cmd, port, threads=None, timeout=180):
         env["OMP_NUM_THREADS"] = str(threads)
     # the log goes to a file: a pipe nobody reads fills up and stalls a chatty server mid-run
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, SERVER_CPUS)) if SERVER_CPUS else None)  # fmt: skip
+    proc.log = log  # read back if the server dies during the run
     import httpx
 
     t0 = time.time()
@@ -160,44 +169,50 @@ def main():
     ap.add_argument("--max-batch", type=int, default=16, help="omnilm serve --max-batch")
     ap.add_argument("--servers", nargs="+", default=["omnilm", "transformers", "transformers-1t"],
                     help="transformers-1t: transformers serve with OMP_NUM_THREADS=1")  # fmt: skip
+    ap.add_argument("--pin", action="store_true",
+                    help="servers on the first CPU, clients on the others: each server's cost alone, not shared with the clients")  # fmt: skip
     args = ap.parse_args()
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        SERVER_CPUS.update(cpus[:1])
+        os.sched_setaffinity(0, cpus[1:])
 
     tmp = tempfile.TemporaryDirectory()
     model_dir = Path(args.model) if args.model else make_checkpoint(Path(tmp.name) / "llama")
     exe = Path(sys.executable).parent
-    servers, procs = {}, []
-    try:
-        # Both servers up at once, levels interleaved (omnilm, transformers, next level): load from other
-        # jobs on the machine drifts, and interleaving spreads it over both alike. An idle server sleeps.
+    runs = {}  # (server, clients) -> one result per round
+
+    def command(name, port):
+        if name == "omnilm":
+            return [sys.executable, "-m", "omnilm", "serve", "--model", str(model_dir), "--port", str(port),
+                    "--device", args.device, "--max-queue", "256", "--max-batch", str(args.max_batch)], model_dir.name  # fmt: skip
+        return [str(exe / "transformers"), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+                "--continuous-batching", "--device", args.device], str(model_dir)  # fmt: skip
+
+    # One server up at a time (transformers serve sizes its KV cache from the free memory, so two at once
+    # end in the OOM killer), servers interleaved within each round: load from other jobs drifts, and
+    # the rounds spread it over every server alike.
+    for k in range(args.rounds):
         for name in args.servers:
-            port = free_port()
-            threads = 1 if name.endswith("-1t") else None
-            if name == "omnilm":
-                cmd = [sys.executable, "-m", "omnilm", "serve", "--model", str(model_dir), "--port", str(port),
-                       "--device", args.device, "--max-queue", "256", "--max-batch", str(args.max_batch)]  # fmt: skip
-                served = model_dir.name
-            else:
-                cmd = [str(exe / "transformers"), "serve", str(model_dir), "--port", str(port),
-                       "--continuous-batching", "--device", args.device]  # fmt: skip
-                served = str(model_dir)
-            proc, problem = start(cmd, port, threads)
-            procs.append(proc)
-            if problem:
-                print(f"{name}: not measured ({problem.strip()})")
-                continue
-            servers[name] = (f"http://127.0.0.1:{port}", served)
-            asyncio.run(level(*servers[name], 1, 1, 4))  # warm-up
-        runs = {}  # (server, clients) -> one result per round
-        for k in range(args.rounds):
-            for c in args.clients:
-                for name, (base, served) in servers.items():
+            port = free_ports(1)[0]
+            cmd, served = command(name, port)
+            proc, problem = start(cmd, port, 1 if name.endswith("-1t") else None)
+            try:
+                if problem:
+                    print(f"{name}: not measured ({problem.strip()})")
+                    continue
+                base = f"http://127.0.0.1:{port}"
+                asyncio.run(level(base, served, 1, 1, 4))  # warm-up
+                for c in args.clients:
                     r = asyncio.run(level(base, served, c, args.requests, args.max_tokens))
                     runs.setdefault((name, c), []).append(r)
                     print(f"round {k} {name} clients={c}: {r}", flush=True)
-    finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(30)
+            finally:
+                if proc.poll() is not None:
+                    proc.log.seek(0)
+                    print(f"{name} exited during the run ({proc.returncode}): {proc.log.read()[-600:]}")
+                proc.terminate()
+                proc.wait(30)
     rows = [(name, c, {key: float(np.median([r[key] for r in rs])) for key in rs[0]}, [r["tok_s"] for r in rs])
             for (name, c), rs in runs.items()]  # fmt: skip
 

@@ -168,6 +168,54 @@ def test_text_stream_never_splits_a_character(tok):
     assert not any("\ufffd" in p for p in pieces)
 
 
+class _WholeDecode:
+    """The reference TextStream behaviour: decode every id so far at each push (O(n^2))."""
+
+    def __init__(self, tok, stops):
+        self.tok, self.stops, self.ids, self.emitted, self.stopped = (
+            tok,
+            [s for s in stops if s],
+            [],
+            0,
+            False,
+        )
+
+    def push(self, i):
+        if self.stopped:
+            return ""
+        self.ids.append(i)
+        text = self.tok.decode(self.ids).rstrip("\ufffd")
+        hits = [j for j in (text.find(s, self.emitted) for s in self.stops) if j >= 0]
+        if hits:
+            self.stopped = True
+            end = min(hits)
+        else:
+            hold = next((n for n in range(min(max(map(len, self.stops), default=1) - 1, len(text) - self.emitted), 0, -1)
+                         if any(s.startswith(text[-n:]) for s in self.stops)), 0)  # fmt: skip
+            end = len(text) - hold
+        end = max(end, self.emitted)
+        out, self.emitted = text[self.emitted : end], end
+        return out
+
+
+def test_incremental_decoding_equals_decoding_everything_at_each_token(tok):
+    import random
+
+    rng = random.Random(0)
+    texts = [
+        "héllo wörld, 日本語 😀🚀 naïve café",
+        "The answer is 42.\nUser: next",
+        "  spaces\tand\n\nlines  ",
+    ]
+    seqs = [tok.encode(t) for t in texts]
+    seqs += [[rng.randrange(tok.vocab_size) for _ in range(60)] for _ in range(20)]  # broken bytes, specials
+    for ids in seqs:
+        for stops in ([], ["\nUser:"], ["é", "42"], [" a", "zz"]):
+            ref, got = _WholeDecode(tok, stops), TextStream(tok, stops)
+            assert [got.push(i) for i in ids] == [ref.push(i) for i in ids], (ids, stops)
+            assert got.stopped == ref.stopped
+
+
 def test_stop_string_ends_the_text_and_is_never_printed(tok):
     ids = tok.encode("The answer is 42.\nUser: next question")
     stream = TextStream(tok, stop_strings=["\nUser:", "never"])

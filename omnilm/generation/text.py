@@ -19,10 +19,14 @@ REPLACEMENT = "\ufffd"  # what decoding gives for a UTF-8 character whose bytes 
 class TextStream:
     """The text of one growing sequence of token ids; `push(id)` returns the newly completed text.
 
-    It decodes the whole sequence and returns the new suffix, so a character whose bytes span
-    several tokens appears once, whole, and never as U+FFFD. Text that could be the start of a stop
-    string is held back until it is clearly not one; the first stop string ends the stream
-    (`stopped`) and is not returned. `finish()` returns what is still held back.
+    A character whose bytes span several tokens appears once, whole, and never as U+FFFD. Text that
+    could be the start of a stop string is held back until it is clearly not one; the first stop
+    string ends the stream (`stopped`) and is not returned. `finish()` returns what is still held back.
+
+    Decoding is incremental (the prefix/read offsets of vLLM's and TGI's detokenizers): each push
+    decodes a window of the last few tokens, twice, instead of the whole sequence, so a long answer
+    costs O(n), not O(n^2). The window starts one committed step back, so a decoder that treats a
+    sequence's first token specially (a leading-space rule) sees the same context as in a full decode.
     """
 
     def __init__(self, tokenizer, stop_strings=()):
@@ -31,18 +35,36 @@ class TextStream:
         self.ids: list[int] = []
         self.emitted = 0  # characters of the decoded text already returned
         self.stopped = False
+        self._committed = ""  # the decoded text of ids[:_read], complete characters only
+        self._prefix = 0  # ids[_prefix:_read]: the context decoded before the new tokens
+        self._read = 0
 
     def push(self, token_id) -> str:
         if self.stopped:
             return ""
         self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids).rstrip(REPLACEMENT)  # complete characters only
+        text = self._decoded()
         # Held-back text is never emitted, so a stop string can only start at or after `emitted`.
         stops = [i for i in (text.find(s, self.emitted) for s in self.stop_strings) if i >= 0]
         if stops:
             self.stopped = True
             return self._emit(text, min(stops))
         return self._emit(text, len(text) - self._stop_prefix_len(text))
+
+    def _decoded(self) -> str:
+        """decode(ids) without the broken character at its end, from the window since the last commit."""
+        context = (
+            self.tokenizer.decode(self.ids[self._prefix : self._read]) if self._read > self._prefix else ""
+        )
+        window = self.tokenizer.decode(self.ids[self._prefix :])
+        complete = window.rstrip(REPLACEMENT)
+        if len(complete) < len(context) or not complete.startswith(context):
+            return self.tokenizer.decode(self.ids).rstrip(REPLACEMENT)  # the window disagrees: decode it all
+        if complete == window:  # every character whole: commit, the next window starts here
+            self._committed += window[len(context) :]
+            self._prefix, self._read = self._read, len(self.ids)
+            return self._committed
+        return self._committed + complete[len(context) :]
 
     def finish(self) -> str:
         """The rest of the text once generation ended (a held-back stop-string start, a broken byte)."""

@@ -666,6 +666,17 @@ async def _stream(request, state, b, body, prompt, media, cfg, chat: bool):
     created = int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+    # A content chunk is the same JSON but for its text: written once as a template, so each token
+    # costs one json.dumps of a string instead of the whole nested object.
+    head = json.dumps({"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
+                       "created": created, "model": state.model_name}, ensure_ascii=False)[:-1]  # fmt: skip
+    content_key = '"delta": {"content": ' if chat else '"text": '
+    content_end = "}" if chat else ""
+
+    def content_chunk(index, piece) -> str:
+        return (f'data: {head}, "choices": [{{"index": {index}, {content_key}{json.dumps(piece, ensure_ascii=False)}'
+                f'{content_end}, "finish_reason": null, "logprobs": null}}]}}\n\n')  # fmt: skip
+
     def chunk(index, delta=None, finish=None, text=None, logprobs=None):
         if chat:
             choice = {"index": index, "delta": delta or {}, "finish_reason": finish, "logprobs": logprobs}
@@ -685,7 +696,9 @@ async def _stream(request, state, b, body, prompt, media, cfg, chat: bool):
         def flush():
             nonlocal piece, lps
             item = None
-            if piece or lps:
+            if piece and not lps:
+                item = content_chunk(index, piece)
+            elif piece or lps:
                 lp = {"content": lps} if lps else None
                 item = chunk(index, {"content": piece}, text=piece, logprobs=lp)
             piece, lps = "", []
@@ -729,12 +742,8 @@ async def _stream(request, state, b, body, prompt, media, cfg, chat: bool):
             if not finished:
                 await out.put(("done", 0))
 
-    async def items():
-        """Every choice's chunks: one choice streams directly; several are merged as they come."""
-        if len(reqs) == 1:
-            async for item in choice(0, *reqs[0]):
-                yield item
-            return
+    async def merged():
+        """Every choice's chunks, merged as they come (n > 1; one choice streams directly)."""
         out: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(one(i, r, s, out)) for i, (r, s) in enumerate(reqs)]
         try:
@@ -750,11 +759,11 @@ async def _stream(request, state, b, body, prompt, media, cfg, chat: bool):
     async def events():
         completion = 0
         try:
-            async for item in items():
+            async for item in choice(0, *reqs[0]) if len(reqs) == 1 else merged():
                 if isinstance(item, tuple):
                     completion += item[1]
                     continue
-                yield _sse(item)
+                yield item if isinstance(item, str) else _sse(item)
             if include_usage:
                 usage = {"prompt_tokens": len(prompt), "completion_tokens": completion,
                          "total_tokens": len(prompt) + completion}  # fmt: skip
