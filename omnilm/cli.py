@@ -44,7 +44,17 @@ def cmd_generate(args):
     if args.output_image and hasattr(pipe.processor, "generation_grid"):  # Emu3: its image grammar
         return _emu3_image(args, pipe)
     # a video reads like any file: its frames and sound go before the prompt
-    prompt = pipe.encode(args.prompt, args.image, args.audio, args.file + args.video)
+    if args.chat:  # one user turn (after --system), rendered as the server renders a chat request
+        parts = [{"type": "image", "image": p} for p in args.image] + [
+            {"type": "audio", "audio": p} for p in args.audio
+        ]
+        parts += [{"type": "file", "file": p} for p in args.file + args.video] + [
+            {"type": "text", "text": args.prompt}
+        ]
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = pipe.encode_chat(system + [{"role": "user", "content": parts}])
+    else:
+        prompt = pipe.encode(args.prompt, args.image, args.audio, args.file + args.video)
     config = pipe.config(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -437,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="model directory, hub id, or 'demo' for the bundled checkpoint"
     )
     p.add_argument("--prompt", default="", help="the prompt text; <|image|> / <|audio|> place the media")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user message through the checkpoint's chat template (as `serve` does)",
+    )
+    p.add_argument("--system", default=None, help="with --chat: a system message before the user's")
     p.add_argument(
         "--image", action="append", default=[], metavar="FILE", help="an image (PNG, JPEG, ...; repeatable)"
     )

@@ -17,9 +17,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import OmniLMError
+from .errors import ConfigError, OmniLMError
 from .generation.config import GenerationConfig
 from .generation.text import TextStream
+from .tokenizers.chat import find_chat_template
 
 
 @dataclass
@@ -155,10 +156,12 @@ class Pipeline:
             batch = proc(text=prompt, images=images or None, audio=audio or None, files=files or None)
         else:
             batch = proc(messages=prompt, images=images or None, audio=audio or None)
-        keys = ("pixel_values", "input_features", "feature_attention_mask", "image_sizes")  # + family inputs
-        keys += ("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")  # mllama
-        media = {k: batch[k] for k in keys if batch.get(k) is not None}
-        return Prompt(batch["input_ids"][0].tolist(), media)
+        return prompt_of(batch)
+
+    def encode_chat(self, messages: list[dict]) -> Prompt:
+        """Chat messages whose parts carry their media (bytes or paths) -> a Prompt, rendered as the
+        server renders them: the checkpoint's chat template, else its plain prompt format."""
+        return prompt_of(render_messages(self.processor, messages))
 
     def eos_ids(self, config: GenerationConfig) -> list[int]:
         eos = config.eos_token_id
@@ -218,3 +221,61 @@ def default_generation_config(model_dir: Path, processor) -> GenerationConfig:
         if isinstance(hf.get("repetition_penalty"), (int, float)):
             settings["repetition_penalty"] = hf["repetition_penalty"]
     return GenerationConfig(eos_token_id=eos, **settings)
+
+
+def render_messages(processor, messages: list[dict]) -> dict:
+    """The processor batch (input_ids (1, T), pixel_values, input_features) for chat messages whose
+    parts carry their media ({"type": "image", "image": bytes or path}, "audio", "file"): the one
+    renderer of the server, `omnilm chat` and `omnilm generate --chat` (Pipeline.encode_chat)."""
+    if processor.prompt_format == "chat" or find_chat_template(processor.tokenizer) is not None:
+        images = [
+            p["image"]
+            for m in messages
+            if isinstance(m["content"], list)
+            for p in m["content"]
+            if p["type"] == "image"
+        ]
+        audio = [
+            p["audio"]
+            for m in messages
+            if isinstance(m["content"], list)
+            for p in m["content"]
+            if p["type"] == "audio"
+        ]
+        # sources go through images=/audio= so the processor applies its limits in one place
+        stripped = [
+            {
+                **m,
+                "content": [
+                    {"type": p["type"]} if p["type"] in ("image", "audio") else p for p in m["content"]
+                ],
+            }
+            if isinstance(m["content"], list)
+            else m
+            for m in messages
+        ]
+        return processor(messages=stripped, images=images or None, audio=audio or None)
+    # A plain-format checkpoint was trained on single prompts: the system text and the last user
+    # message make the prompt, as `omnilm generate --prompt` would give it.
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    if last_user is None:
+        raise ConfigError("the messages hold no user message")
+    texts, images, audio, files = [], [], [], []
+    for i, m in enumerate(messages):
+        if i != last_user and m["role"] != "system":
+            continue
+        parts = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
+        for p in parts:
+            if p["type"] == "text":
+                texts.append(p["text"])
+            else:
+                {"image": images, "audio": audio, "file": files}[p["type"]].append(p[p["type"]])
+    return processor(text="\n\n".join(texts), images=images or None, audio=audio or None, files=files or None)
+
+
+def prompt_of(batch) -> Prompt:
+    """A processor batch (one row) -> the token ids and the media tensors the model takes."""
+    keys = ("pixel_values", "input_features", "feature_attention_mask", "image_sizes")  # + family inputs
+    keys += ("aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")  # mllama
+    media = {k: batch[k] for k in keys if batch.get(k) is not None}
+    return Prompt(batch["input_ids"][0].tolist(), media)

@@ -180,6 +180,20 @@ def test_processor_uses_the_checkpoint_template(tmp_path):
     assert batch["input_ids"][0].tolist() == _hf_ids(hf, conv, True)
 
 
+def test_generate_chat_renders_like_the_server(tmp_path):
+    """`omnilm generate --chat` and the server share render_messages: token-identical to transformers."""
+    from omnilm.pipeline import prompt_of, render_messages
+    from omnilm.processing.multimodal import Processor
+
+    ours, hf = _checkpoint(tmp_path, CHATML)
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+    ]
+    prompt = prompt_of(render_messages(Processor(ours, tokens_per_image=3), conv))
+    assert prompt.ids == _hf_ids(hf, conv, True) and prompt.media == {}
+
+
 def test_without_a_template_the_built_in_format_applies():
     tok = TextTokenizer.default()
     ids, _, _ = render_chat_with_media([{"role": "user", "content": "hi"}], tok)

@@ -119,7 +119,8 @@ def test_demo_answers_equal_the_cli(client, inputs, capsys):
             max_tokens=8,
         )
         got = r.choices[0].message.content
-        assert got == _cli(capsys, *cli_args, "--prompt", question, "--max-new-tokens", "8"), question
+        args = [*cli_args, "--prompt", question, "--max-new-tokens", "8"]
+        assert got == _cli(capsys, *args) == _cli(capsys, *args, "--chat"), question
         assert r.choices[0].finish_reason == "stop"
         assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens == len(got)  # one token per digit
         answers.append(got)

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import ContextLengthError, OmniLMError, QueueFullError
 from . import schemas
-from .media import MediaPolicy, render, to_parts
+from .media import MediaPolicy, to_parts
 
 # torch (and so the backend and the text streamer) is imported by the loading thread, not here: the
 # socket opens, and /health answers 503, before the ~2 s import of torch is done.
@@ -266,11 +266,12 @@ def create_app(load, api_key=None, max_body: int = DEFAULT_MAX_BODY, allow_media
         try:
             # base64 and media decoding are CPU work: off the event loop
             messages = await run_in_threadpool(to_parts, body.messages, state.policy)
-            batch = await run_in_threadpool(render, b.processor, messages)
+            from ..pipeline import prompt_of, render_messages  # torch: imported once the model has loaded
+
+            encoded = prompt_of(await run_in_threadpool(render_messages, b.processor, messages))
         except OmniLMError as e:
             raise _user_error(e) from None
-        prompt = batch["input_ids"][0].tolist()
-        media = {k: batch[k] for k in ("pixel_values", "input_features") if batch.get(k) is not None}
+        prompt, media = encoded.ids, encoded.media
         top = (body.top_logprobs or 0) if body.logprobs else None
         cfg = _config(b, body, len(prompt), body.max_completion_tokens or body.max_tokens, top)
         if body.stream:

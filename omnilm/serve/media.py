@@ -15,8 +15,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from ..errors import ConfigError, MediaError
-from ..tokenizers.chat import find_chat_template
+from ..errors import MediaError
 
 MAX_MEDIA_BYTES = 32 * 1024 * 1024
 _DATA_URI = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*?;base64,", re.ASCII)
@@ -97,51 +96,3 @@ def to_parts(messages, policy: MediaPolicy) -> list[dict]:
                 parts.append({"type": "file", "file": data})
         out.append({"role": role, "content": parts})
     return out
-
-
-def render(processor, messages: list[dict]) -> dict:
-    """The processor batch (input_ids (1, T), pixel_values, input_features) for OmniLM messages."""
-    if processor.prompt_format == "chat" or find_chat_template(processor.tokenizer) is not None:
-        images = [
-            p["image"]
-            for m in messages
-            if isinstance(m["content"], list)
-            for p in m["content"]
-            if p["type"] == "image"
-        ]
-        audio = [
-            p["audio"]
-            for m in messages
-            if isinstance(m["content"], list)
-            for p in m["content"]
-            if p["type"] == "audio"
-        ]
-        # sources go through images=/audio= so the processor applies its limits in one place
-        stripped = [
-            {
-                **m,
-                "content": [
-                    {"type": p["type"]} if p["type"] in ("image", "audio") else p for p in m["content"]
-                ],
-            }
-            if isinstance(m["content"], list)
-            else m
-            for m in messages
-        ]
-        return processor(messages=stripped, images=images or None, audio=audio or None)
-    # A plain-format checkpoint was trained on single prompts: the system text and the last user
-    # message make the prompt, as `omnilm generate --prompt` would give it.
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    if last_user is None:
-        raise ConfigError("the messages hold no user message")
-    texts, images, audio, files = [], [], [], []
-    for i, m in enumerate(messages):
-        if i != last_user and m["role"] != "system":
-            continue
-        parts = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
-        for p in parts:
-            if p["type"] == "text":
-                texts.append(p["text"])
-            else:
-                {"image": images, "audio": audio, "file": files}[p["type"]].append(p[p["type"]])
-    return processor(text="\n\n".join(texts), images=images or None, audio=audio or None, files=files or None)

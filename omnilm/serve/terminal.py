@@ -82,18 +82,17 @@ class TerminalChat:
 
     def _ask(self, text: str):
         from ..generation.text import TextStream
-        from .media import render
+        from ..pipeline import prompt_of, render_messages
 
         content = [*self.attached, {"type": "text", "text": text}] if self.attached else text
         self.history.append({"role": "user", "content": content})
         self.attached = []
         try:
-            batch = render(self.backend.processor, self._messages())
+            encoded = prompt_of(render_messages(self.backend.processor, self._messages()))
         except (OmniLMError, OSError):
             self.history.pop()
             raise
-        prompt = batch["input_ids"][0].tolist()
-        media = {k: batch[k] for k in ("pixel_values", "input_features") if batch.get(k) is not None}
+        prompt, media = encoded.ids, encoded.media
         room = self.backend.context - len(prompt)
         if room < 1:
             self.history.pop()
