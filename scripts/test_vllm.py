@@ -656,7 +656,7 @@ def table_rows(rows: list[Row]) -> list[tuple]:
 
 def markdown(rows: list[tuple]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -697,11 +697,14 @@ def main():
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
     if args.markdown:
         Path(args.markdown).write_text(markdown(table) + "\n")
-    ok = all(
-        r.result.get("greedy") == "yes"
-        for r in rows
-        if r.family in ("llama", "llava") and r.dtype == "float32"
-    )
+    # the Done-when rows; LLaVA stopped by the missing torchvision is `make test-vllm-vision`'s (own venv)
+    required = [r for r in rows if r.family in ("llama", "qwen2", "llava") and r.dtype == "float32"]
+    deferred = [
+        r for r in required if any("No module named 'torchvision'" in n for n in r.result.get("notes", []))
+    ]
+    for r in deferred:
+        print(f"{r.family}: needs torchvision, checked by `make test-vllm-vision`")
+    ok = all(r.result.get("greedy") == "yes" for r in required if r not in deferred)
     return 0 if ok else 1
 
 
