@@ -1,6 +1,8 @@
 """The compressed-tensors keys vLLM reads to pick a kernel (its CompressedTensorsConfig), on the `omnilm quantize`
-exports vLLM's CPU build serves in `make test-vllm` (int4 and W8A8 int8), asserted here so `make test` catches a
-change without vLLM installed; and where our format names differ from the ones compressed-tensors infers."""
+exports vLLM's CPU build serves in `make test-vllm` (int4 and W8A8 int8) and weight-only int8 (pack-quantized, as
+compressed-tensors writes it; vLLM's CPU build has no 8-bit kernel for it, its GPU builds do), asserted here so
+`make test` catches a change without vLLM installed; and where our format names differ from the ones
+compressed-tensors infers."""
 
 import json
 
@@ -9,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 from test_quant import tiny_llama
 
+import omnilm
 from omnilm.quant import quantize_model
+from omnilm.quant.formats import pack_int8, unpack_int8
 from omnilm.quant.io import save_quantized
 
 LINEAR = "model.layers.0.mlp.down_proj"  # (64, 128): out 64, in 128
@@ -60,6 +64,31 @@ def test_w8a8_int8_is_vllms_int_quantized(tmp_path):
     assert state[f"{LINEAR}.weight_scale"].shape == (64, 1)
 
 
+def test_weight_only_int8_is_pack_quantized_and_loads_back(tmp_path):
+    qc, state = export(tmp_path, "int8")
+    (group,) = qc["config_groups"].values()
+    assert qc["format"] == group["format"] == "pack-quantized" and group["input_activations"] is None
+    assert (group["weights"]["num_bits"], group["weights"]["strategy"]) == (8, "channel")
+    assert state[f"{LINEAR}.weight_packed"].dtype == torch.int32
+    assert state[f"{LINEAR}.weight_packed"].shape == (64, 128 // 4)
+    assert state[f"{LINEAR}.weight_shape"].tolist() == [64, 128] and f"{LINEAR}.weight" not in state
+    model = tiny_llama()
+    quantize_model(model, "int8")
+    ids = torch.tensor([[5, 17, 99, 3, 250]])
+    with torch.no_grad():  # the unpacked int8 weight is the one quantized in memory
+        assert torch.equal(
+            model(input_ids=ids).logits, omnilm.load(tmp_path / "int8-None")(input_ids=ids).logits
+        )
+
+
+@pytest.mark.parametrize("k", [128, 130])
+def test_pack_int8_is_compressed_tensors_pack_to_int32(k):
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    q = torch.randint(-128, 128, (6, k), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    assert torch.equal(pack_int8(q), ct.pack_to_int32(q, 8))
+    assert torch.equal(unpack_int8(pack_int8(q), k), q)
+
+
 def _inferred_format(qc):
     """The format compressed-tensors itself (llm-compressor's writer) picks for the group's scheme."""
     fmt = pytest.importorskip("compressed_tensors.compressors.format")
@@ -76,17 +105,7 @@ def _inferred_format(qc):
     [
         ("int4", 32, None),
         ("int8", None, "int8"),
-        pytest.param(
-            "int8",
-            None,
-            None,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="weight-only int8 is written int-quantized (int8 `weight`); compressed-tensors writes it "
-                "pack-quantized (int32 `weight_packed`), and vLLM refuses int-quantized without "
-                "input_activations (an AssertionError in its config) on every platform",
-            ),
-        ),
+        ("int8", None, None),
         pytest.param(
             "fp8",
             None,
