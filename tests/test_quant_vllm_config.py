@@ -1,14 +1,14 @@
 """The compressed-tensors keys vLLM reads to pick a kernel (its CompressedTensorsConfig), on the `omnilm quantize`
 exports vLLM's CPU build serves in `make test-vllm` (int4 and W8A8 int8) and weight-only int8 (pack-quantized, as
-compressed-tensors writes it; vLLM's CPU build has no 8-bit kernel for it, its GPU builds do), asserted here so
-`make test` catches a change without vLLM installed; and where our format names differ from the ones
-compressed-tensors infers."""
+compressed-tensors writes it; vLLM's CPU build has no 8-bit kernel for it, its CUDA kernel lists take uint8b128), asserted here so
+`make test` catches a change without vLLM installed; and that each format is the one compressed-tensors
+itself infers for the scheme (what llm-compressor writes)."""
 
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_quant import tiny_llama
 
 import omnilm
@@ -81,6 +81,29 @@ def test_weight_only_int8_is_pack_quantized_and_loads_back(tmp_path):
         )
 
 
+def test_earlier_format_names_still_load(tmp_path):
+    """Files written before the formats above (fp8 float-quantized, weight-only int8 int-quantized)."""
+    for scheme, old in (("fp8", "float-quantized"), ("int8", "int-quantized")):
+        model = tiny_llama()
+        quantize_model(model, scheme)
+        out = tmp_path / scheme
+        save_quantized(model, out)
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["quantization_config"]["format"] = cfg["quantization_config"]["config_groups"]["group_0"][
+            "format"
+        ] = old
+        (out / "config.json").write_text(json.dumps(cfg))
+        if scheme == "int8":  # the unpacked int8 `weight` of those files
+            state = load_file(out / "model.safetensors")
+            for key in [k for k in state if k.endswith(".weight_packed")]:
+                base = key.removesuffix("_packed")
+                state[base] = unpack_int8(state.pop(key), int(state.pop(f"{base}_shape")[1]))
+            save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+        ids = torch.tensor([[5, 17, 99, 3, 250]])
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=ids).logits, omnilm.load(out)(input_ids=ids).logits), scheme
+
+
 @pytest.mark.parametrize("k", [128, 130])
 def test_pack_int8_is_compressed_tensors_pack_to_int32(k):
     ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
@@ -106,16 +129,7 @@ def _inferred_format(qc):
         ("int4", 32, None),
         ("int8", None, "int8"),
         ("int8", None, None),
-        pytest.param(
-            "fp8",
-            None,
-            None,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="weight-only fp8 is written float-quantized; compressed-tensors writes it "
-                "naive-quantized (same tensors); vLLM reads both as W8A16 fp8",
-            ),
-        ),
+        ("fp8", None, None),
     ],
 )
 def test_format_is_the_one_compressed_tensors_infers(tmp_path, scheme, group_size, activations):

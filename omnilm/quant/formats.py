@@ -8,7 +8,7 @@ int8     int-quantized          weight int8 (N, K), weight_scale (N, 1)         
          INT8_WEIGHT_ONLY_FORMAT)
 int4     pack-quantized         weight_packed int32 (N, K/8), weight_scale (N, K/G),  grouped symmetric,
                                 weight_shape int64 (2,)                               8 values per int32
-fp8      float-quantized        weight float8_e4m3fn (N, K), weight_scale (N, 1)      per-channel
+fp8      naive-quantized        weight float8_e4m3fn (N, K), weight_scale (N, 1)      per-channel
 nvfp4    nvfp4-pack-quantized   weight_packed uint8 (N, K/2), weight_scale fp8 (N, K/16),
                                 weight_global_scale fp32 (1,)                         e2m1, groups of 16
 mxfp4    mxfp4-pack-quantized   weight_packed uint8 (N, K/2), weight_scale uint8 (N, K/32)  e2m1, e8m0 scales
@@ -36,6 +36,8 @@ INT4_GROUP_SIZES = (32, 64, 128)
 # refuses it without them); weight-only int8 goes in files as pack-quantized with num_bits 8, as
 # compressed-tensors writes it. In memory it stays the unpacked int8 `weight` (io.py packs and unpacks).
 INT8_WEIGHT_ONLY_FORMAT = "pack-quantized"
+# formats read besides Scheme.format: int8's weight-only file format, and fp8 W8A8 files (run weight-only here)
+ALSO_READ = {"int8": (INT8_WEIGHT_ONLY_FORMAT,), "fp8": ("float-quantized",)}
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def get_scheme(name: str, group_size: int | None = None) -> Scheme:
         raise ConfigError(f"{name} has {what}; --group-size {group_size} does not apply")
     formats = {
         "int8": "int-quantized",
-        "fp8": "float-quantized",
+        "fp8": "naive-quantized",  # compressed-tensors' float-quantized is W8A8 (fp8 activations too)
         "nvfp4": "nvfp4-pack-quantized",
         "mxfp4": "mxfp4-pack-quantized",
     }

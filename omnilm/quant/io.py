@@ -34,7 +34,7 @@ from ..convert.hf import (
     write_state_dict,
 )
 from ..errors import CheckpointError, ConfigError
-from .formats import INT8_WEIGHT_ONLY_FORMAT, SCHEMES, Scheme, get_scheme, pack_int8, unpack_int8
+from .formats import ALSO_READ, INT8_WEIGHT_ONLY_FORMAT, SCHEMES, Scheme, get_scheme, pack_int8, unpack_int8
 from .linear import QuantEmbedding, QuantLinear, quant_modules
 
 QUANT_CONFIG = "quantization_config.json"  # OmniLM-format directories
@@ -252,7 +252,7 @@ def scheme_from_config(qc: dict, source: str) -> tuple[Scheme, list[str], list[s
     except ConfigError as e:
         raise CheckpointError(f"{key}.group_size: {e}") from None
     fmt = group.get("format") or qc.get("format")
-    formats = [scheme.format] + ([INT8_WEIGHT_ONLY_FORMAT] if name == "int8" else [])
+    formats = [scheme.format, *ALSO_READ.get(name, ())]
     if fmt not in formats:
         raise CheckpointError(
             f"{where}.format {fmt!r} is not supported for {name} (expected {' or '.join(map(repr, formats))})"
