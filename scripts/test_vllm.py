@@ -591,14 +591,14 @@ CAUSES = {
         " imports torchvision at the top; PyPI's torchvision 0.28.0 is a CUDA build that imports only beside"
         " PyPI's CUDA build of torch 2.13.0, not beside torch 2.13.0+cpu: run `make test-vllm-vision`"
     ),
-    "Assertion failed": (
-        "weight-only int8: vLLM reads compressed-tensors format 'int-quantized' as W8A8 and asserts that a group"
-        " without input_activations has float weights; it runs int8 W8A16 only from 'pack-quantized' through"
-        " its WNA16 kernels, and the CPU one (CPUWNA16LinearKernel) takes 4-bit weights only; the W8A8 export"
-        " (`omnilm quantize --activations int8`) is the int8 vLLM's CPU build serves"
+    "CPUWNA16LinearKernel cannot implement due to: Quant type (uint8b128)": (
+        "weight-only int8 (pack-quantized, as compressed-tensors writes it) is vLLM's CompressedTensorsWNA16"
+        " with uint8b128 weights; its CPU kernels take 4-bit weights only (its CUDA ones, Exllama and Conch, list"
+        " uint8b128); the W8A8 export (`omnilm quantize --activations int8`) is the int8 vLLM's CPU build serves"
     ),
     "Failed to find a kernel that can implement the ScaledMM": (
-        "weight-only fp8 is vLLM's CompressedTensorsW8A16Fp8, whose kernel list for CPU is empty in 0.32.0"
+        "weight-only fp8 (naive-quantized) is vLLM's CompressedTensorsW8A16Fp8, whose kernel list for CPU is"
+        " empty in 0.32.0"
         " (_POSSIBLE_WFP8A16_KERNELS); its CPU fp8 kernels are W8A8 with fp8 activations, which OmniLM does"
         " not write"
     ),
