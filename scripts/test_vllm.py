@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -696,7 +698,9 @@ def main():
     for row in [COLUMNS, *table]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
     if args.markdown:
-        Path(args.markdown).write_text(markdown(table) + "\n")
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        where = f"{platform.machine()}, {os.cpu_count()} CPUs, vLLM from {args.vllm_python}"
+        Path(args.markdown).write_text(f"Run {when} on {where}.\n\n{markdown(table)}\n")
     # the Done-when rows; LLaVA stopped by the missing torchvision is `make test-vllm-vision`'s (own venv)
     required = [r for r in rows if r.family in ("llama", "qwen2", "llava") and r.dtype == "float32"]
     deferred = [
