@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from test_quant import tiny_llama
 
 import omnilm
+from omnilm.errors import CheckpointError
 from omnilm.quant import quantize_model
 from omnilm.quant.formats import pack_int8, unpack_int8
 from omnilm.quant.io import save_quantized
@@ -102,6 +103,16 @@ def test_earlier_format_names_still_load(tmp_path):
         ids = torch.tensor([[5, 17, 99, 3, 250]])
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids).logits, omnilm.load(out)(input_ids=ids).logits), scheme
+
+
+def test_broken_packed_int8_is_refused_by_name(tmp_path):
+    export(tmp_path, "int8")
+    out, key = tmp_path / "int8-None", f"{LINEAR}.weight_shape"
+    state = load_file(out / "model.safetensors")
+    for bad in (torch.tensor([64, 1 << 40]), torch.tensor([64.0, 128.0]), torch.tensor([64])):
+        save_file({**state, key: bad}, out / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=f"{key} .* does not match {LINEAR}.weight_packed"):
+            omnilm.load(out)
 
 
 @pytest.mark.parametrize("k", [128, 130])

@@ -192,7 +192,7 @@ def _unpack_int8(state: dict, source: str) -> dict:
             raise CheckpointError(f"{source}: {key} has no {base}_shape")
         if packed.dtype != torch.int32 or packed.dim() != 2:
             raise CheckpointError(f"{source}: {key}: dtype {packed.dtype}, expected torch.int32 (2-D)")
-        n, k = shape.tolist() if shape.numel() == 2 else (-1, -1)
+        n, k = shape.tolist() if shape.numel() == 2 and not shape.is_floating_point() else (-1, -1)
         if n != packed.shape[0] or k < 0 or (k + 3) // 4 != packed.shape[1]:
             raise CheckpointError(
                 f"{source}: {base}_shape {shape.tolist()} does not match {key} {tuple(packed.shape)}"
