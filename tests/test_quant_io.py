@@ -87,9 +87,9 @@ def test_broken_directories_are_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match=f"shape mismatch for {key}"):
         omnilm.load(out)
     _, out = quantized_dir(tmp_path, "int8")
-    w = "model.layers.0.mlp.up_proj.weight"
+    w = "model.layers.0.mlp.up_proj.weight_packed"  # weight-only int8: pack-quantized in the file
     _rewrite(out, lambda s: s.__setitem__(w, s[w].float()))
-    with pytest.raises(CheckpointError, match=f"{w}: dtype torch.float32, expected torch.int8"):
+    with pytest.raises(CheckpointError, match=f"{w}: dtype torch.float32, expected torch.int32"):
         omnilm.load(out)
     _, out = quantized_dir(tmp_path, "fp8")
     cfg = json.loads((out / "config.json").read_text())

@@ -4,9 +4,11 @@ the same bytes.
 
 scheme   format                 stored tensors (out = N rows, in = K columns)
 int8     int-quantized          weight int8 (N, K), weight_scale (N, 1)              per-channel symmetric
+         (weight-only: the file is pack-quantized, weight_packed int32 (N, K/4) + weight_shape; see
+         INT8_WEIGHT_ONLY_FORMAT)
 int4     pack-quantized         weight_packed int32 (N, K/8), weight_scale (N, K/G),  grouped symmetric,
                                 weight_shape int64 (2,)                               8 values per int32
-fp8      float-quantized        weight float8_e4m3fn (N, K), weight_scale (N, 1)      per-channel
+fp8      naive-quantized        weight float8_e4m3fn (N, K), weight_scale (N, 1)      per-channel
 nvfp4    nvfp4-pack-quantized   weight_packed uint8 (N, K/2), weight_scale fp8 (N, K/16),
                                 weight_global_scale fp32 (1,)                         e2m1, groups of 16
 mxfp4    mxfp4-pack-quantized   weight_packed uint8 (N, K/2), weight_scale uint8 (N, K/32)  e2m1, e8m0 scales
@@ -30,6 +32,12 @@ E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 # midpoints between neighbouring e2m1 magnitudes: bucketize gives round-to-nearest codes
 _E2M1_MIDPOINTS = (E2M1_VALUES[1:] + E2M1_VALUES[:-1]) / 2
 INT4_GROUP_SIZES = (32, 64, 128)
+# int-quantized is compressed-tensors' W8A8 format (its writer picks it only with input activations, and vLLM
+# refuses it without them); weight-only int8 goes in files as pack-quantized with num_bits 8, as
+# compressed-tensors writes it. In memory it stays the unpacked int8 `weight` (io.py packs and unpacks).
+INT8_WEIGHT_ONLY_FORMAT = "pack-quantized"
+# formats read besides Scheme.format: int8's weight-only file format, and fp8 W8A8 files (run weight-only here)
+ALSO_READ = {"int8": (INT8_WEIGHT_ONLY_FORMAT,), "fp8": ("float-quantized",)}
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,7 @@ def get_scheme(name: str, group_size: int | None = None) -> Scheme:
         raise ConfigError(f"{name} has {what}; --group-size {group_size} does not apply")
     formats = {
         "int8": "int-quantized",
-        "fp8": "float-quantized",
+        "fp8": "naive-quantized",  # compressed-tensors' float-quantized is W8A8 (fp8 activations too)
         "nvfp4": "nvfp4-pack-quantized",
         "mxfp4": "mxfp4-pack-quantized",
     }
@@ -112,7 +120,9 @@ def stored_shapes(scheme: Scheme, n: int, k: int, scale_dtype: torch.dtype) -> d
 
 
 def stored_bytes(scheme: Scheme, n: int, k: int, scale_dtype=torch.bfloat16) -> int:
-    return sum(
+    """Bytes of the file's tensors for one weight-only (n, k) weight."""
+    packed = 4 * ((k + 3) // 4 - k // 4) * n + 16 if scheme.name == "int8" else 0  # pad + weight_shape
+    return packed + sum(
         torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
         for shape, dt in stored_shapes(scheme, n, k, scale_dtype).values()
     )
@@ -213,6 +223,22 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
     u = (packed[..., None] >> shifts) & 0xF  # (N, K/8, 8)
     return (u - 8).to(torch.int8).reshape(n, -1)
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 (N, K) -> int32 (N, ceil(K/4)); value j of a word sits in bits 8j..8j+7, offset by 128, K padded
+    with zeros (compressed-tensors' pack_to_int32 with num_bits=8)."""
+    n, k = q.shape
+    u = torch.nn.functional.pad(q.to(torch.int64) + 128, (0, (-k) % 4))
+    words = (u.reshape(n, -1, 4) << torch.arange(0, 32, 8, dtype=torch.int64)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int8(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 (N, ceil(K/4)) -> int8 (N, K)."""
+    shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=packed.device)
+    u = (packed.to(torch.int64)[..., None] >> shifts) & 0xFF  # (N, ceil(K/4), 4)
+    return (u.reshape(packed.shape[0], -1)[:, :k] - 128).to(torch.int8)
 
 
 def fp4_encode(x: torch.Tensor) -> torch.Tensor:

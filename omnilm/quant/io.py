@@ -15,6 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..config import ModelConfig
@@ -30,9 +31,10 @@ from ..convert.hf import (
     retie,
     save_llama,
     save_omnilm,
+    write_state_dict,
 )
 from ..errors import CheckpointError, ConfigError
-from .formats import SCHEMES, Scheme, get_scheme
+from .formats import ALSO_READ, INT8_WEIGHT_ONLY_FORMAT, SCHEMES, Scheme, get_scheme, pack_int8, unpack_int8
 from .linear import QuantEmbedding, QuantLinear, quant_modules
 
 QUANT_CONFIG = "quantization_config.json"  # OmniLM-format directories
@@ -95,9 +97,14 @@ def quantization_config(model: nn.Module) -> dict:
             "dynamic": True,
             "group_size": None,
         }
+    fmt = scheme.format
+    # weight-only int8 is packed as compressed-tensors writes it, but not with quantized embeddings: transformers
+    # cannot load a packed nn.Embedding (tests/test_quant_head.py), so those stay int-quantized
+    if scheme.name == "int8" and inputs is None and targets == ["Linear"]:
+        fmt = INT8_WEIGHT_ONLY_FORMAT
     return {
         "quant_method": "compressed-tensors",
-        "format": scheme.format,
+        "format": fmt,
         "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
@@ -105,7 +112,7 @@ def quantization_config(model: nn.Module) -> dict:
                 "weights": scheme.args(),
                 "input_activations": inputs,
                 "output_activations": None,
-                "format": scheme.format,
+                "format": fmt,
             }
         },
         "ignore": ignore,
@@ -130,6 +137,11 @@ def save_quantized(model: nn.Module, out, source=None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         (save_llama if _file_format(model) == "llama" else save_omnilm)(model, tmp)
+        if (
+            qc["format"] == INT8_WEIGHT_ONLY_FORMAT
+            and qc["config_groups"]["group_0"]["weights"]["num_bits"] == 8
+        ):
+            _pack_int8_files(tmp)
         if (tmp / "config.json").is_file():
             cfg = json.loads((tmp / "config.json").read_text())
             cfg["quantization_config"] = qc
@@ -155,6 +167,38 @@ def save_quantized(model: nn.Module, out, source=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     files = list(out.glob("model*.safetensors"))
     return sum(tensor_bytes(f) for f in files), sum(f.stat().st_size for f in files)
+
+
+def _pack_int8_files(path: Path):
+    """Weight-only int8 as compressed-tensors writes it: each int8 `weight` beside a `weight_scale` becomes
+    `weight_packed` int32 + `weight_shape`; every other tensor is written back unchanged."""
+    state = read_state_dict(path)
+    for key in [k for k, v in state.items() if k.endswith(".weight") and v.dtype == torch.int8]:
+        if f"{key}_scale" in state:
+            q = state.pop(key)
+            state[f"{key}_packed"] = pack_int8(q)
+            state[f"{key}_shape"] = torch.tensor(q.shape, dtype=torch.int64)
+    for f in path.glob("model*.safetensors*"):
+        f.unlink()
+    write_state_dict(state, path)
+
+
+def _unpack_int8(state: dict, source: str) -> dict:
+    """pack-quantized int8 (weight_packed + weight_shape) -> the int8 `weight` QuantLinear holds."""
+    for key in [k for k in state if k.endswith(".weight_packed")]:
+        base = key.removesuffix("_packed")
+        packed, shape = state.pop(key), state.pop(f"{base}_shape", None)
+        if shape is None:
+            raise CheckpointError(f"{source}: {key} has no {base}_shape")
+        if packed.dtype != torch.int32 or packed.dim() != 2:
+            raise CheckpointError(f"{source}: {key}: dtype {packed.dtype}, expected torch.int32 (2-D)")
+        n, k = shape.tolist() if shape.numel() == 2 and not shape.is_floating_point() else (-1, -1)
+        if n != packed.shape[0] or k < 0 or (k + 3) // 4 != packed.shape[1]:
+            raise CheckpointError(
+                f"{source}: {base}_shape {shape.tolist()} does not match {key} {tuple(packed.shape)}"
+            )
+        state[base] = unpack_int8(packed, k)
+    return state
 
 
 def tensor_bytes(f: Path) -> int:
@@ -208,9 +252,10 @@ def scheme_from_config(qc: dict, source: str) -> tuple[Scheme, list[str], list[s
     except ConfigError as e:
         raise CheckpointError(f"{key}.group_size: {e}") from None
     fmt = group.get("format") or qc.get("format")
-    if fmt != scheme.format:
+    formats = [scheme.format, *ALSO_READ.get(name, ())]
+    if fmt not in formats:
         raise CheckpointError(
-            f"{where}.format {fmt!r} is not supported for {name} (expected {scheme.format!r})"
+            f"{where}.format {fmt!r} is not supported for {name} (expected {' or '.join(map(repr, formats))})"
         )
     inputs = group.get("input_activations")
     acts = None
@@ -279,6 +324,8 @@ def load_quantized(path, device=None, dtype=None):
             "shares their tensor)"
         )
     state = read_state_dict(path)
+    if scheme.name == "int8":
+        state = _unpack_int8(state, str(path))
     if fmt == "llama":
         state, module = llama_state_from_hf(state, cfg.decoder), model.language_model
     else:
