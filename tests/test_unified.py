@@ -1,6 +1,8 @@
 """The unified (discrete early-fusion) model: per-modality loss, span-controlled generation, guidance,
 overfitting an interleaved text<->image set, save/load, media decoding, and the continuous path beside it."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -323,6 +325,27 @@ def test_cli_generate_writes_png_and_wav(tmp_path, capsys):
         == 2
     )
     assert "no image span" in capsys.readouterr().err
+
+    # the same model behind the server: a chat asking for audio gets the span as a base64 WAV
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from omnilm.serve.app import create_app
+    from omnilm.serve.backend import Backend
+
+    body = {"messages": [{"role": "user", "content": "draw and sing"}], "modalities": ["text", "audio"],
+            "max_tokens": 24}  # fmt: skip
+    with TestClient(create_app(lambda: Backend.load(tmp_path), model_name="m")) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.02)
+        r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    audio = r.json()["choices"][0]["message"]["audio"]
+    served, rate = soundfile.read(io.BytesIO(base64.b64decode(audio["data"])), dtype="float32")
+    assert rate == 16000 and audio["id"].startswith("audio-") and audio["expires_at"] > time.time()
+    np.testing.assert_allclose(served, wave, atol=1e-4)
 
 
 def test_continuous_understanding_beside_discrete_generation():
