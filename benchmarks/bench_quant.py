@@ -11,7 +11,8 @@ row says +head), generating --tokens new tokens greedily after an 8-token prompt
 (N - 1) / (time(N new) - time(1 new)). Peak RSS comes from one fresh process per row; tok/s from one
 process holding every row, timed in --rounds interleaved rounds (medians, min-max; ratios within a
 round). transformers runs LlamaForCausalLM.generate in bf16 on the same saved weights. w8a8: int8
-weights with dynamic per-token int8 activations through torch._int_mm.
+weights with dynamic per-token int8 activations through fbgemm's dynamic linear (torch._int_mm where
+fbgemm is not the quantized engine).
 fp8/nvfp4/mxfp4 on CPU dequantize every weight on every step (emulated), so their speed rows only show
 what emulation costs; FP4 tensor cores need Blackwell.
 """

@@ -2,6 +2,7 @@
 what transformers + compressed-tensors do with our FP4 directories in fp32 (a documented limitation)."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -10,10 +11,13 @@ from test_quant_io import IDS
 
 import omnilm
 from omnilm.errors import ConfigError
-from omnilm.quant import SCHEMES, QuantEmbedding, QuantLinear, quant_modules, quantize_model
+from omnilm.quant import SCHEMES, QuantEmbedding, QuantLinear, get_scheme, quant_modules, quantize_model
 from omnilm.quant.io import save_quantized
 
 HEAD_AND_EMB = dict(head=True, embeddings=True)
+# fbgemm serves W8A8 where it is PyTorch's quantized engine (x86 builds); elsewhere torch._int_mm
+FBGEMM = torch.backends.quantized.engine in ("x86", "fbgemm")
+W8A8_PATH = "fbgemm_w8a8" if FBGEMM else "int_mm_w8a8"
 
 
 def _saved(tmp_path, name, **kw):
@@ -81,7 +85,7 @@ def test_int8_dynamic_activations(tmp_path):
     loaded = omnilm.load(out)
     with torch.no_grad():
         a, b, r = model(input_ids=IDS).logits, loaded(input_ids=IDS).logits, ref(input_ids=IDS).logits
-    assert torch.equal(a, b) and {m.path for m in quant_modules(loaded).values()} == {"int_mm_w8a8"}
+    assert torch.equal(a, b) and {m.path for m in quant_modules(loaded).values()} == {W8A8_PATH}
     assert sqnr(r, a) >= 25
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["config_groups"]["group_0"]["input_activations"]["strategy"] == "token"
@@ -90,6 +94,32 @@ def test_int8_dynamic_activations(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():  # transformers fake-quantizes the activations the same way
         assert sqnr(a, hf(input_ids=IDS).logits) >= 35
+
+
+@pytest.mark.skipif(not FBGEMM, reason="fbgemm is not the quantized engine of this build")
+def test_fbgemm_w8a8_matches_int_mm_per_token():
+    """fbgemm quantizes its input with one affine scale per call; rows are rescaled to amax 1 first, so a
+    token 50x louder than the others costs them nothing: every row agrees with the symmetric per-token
+    torch._int_mm path and with fp32 as closely as that path does. Batch-1 decode (one row) too, in bf16."""
+    lin = torch.nn.Linear(256, 384, bias=True)
+    with torch.no_grad():
+        lin.bias.normal_()
+    q = QuantLinear.from_linear(lin, get_scheme("int8"))
+    q.activations = "int8"
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(1))
+    x[0] *= 50
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # the quantized-tensor deprecation warning is silenced at prepack
+        ref, fb = lin(x), q(x)
+        assert q.path == "fbgemm_w8a8"
+        fb1 = q.to(torch.bfloat16)(x[3:4].bfloat16())
+        assert q.path == "fbgemm_w8a8" and fb1.dtype == torch.bfloat16
+        q.float()._kernel_cache[("fbgemm", x.device)] = None  # as where the prepack fails
+        im = q(x)
+        assert q.path == "int_mm_w8a8"
+    for i in range(6):
+        assert sqnr(ref[i], fb[i]) >= 38 and abs(sqnr(ref[i], fb[i]) - sqnr(ref[i], im[i])) < 1.5
+    assert sqnr(ref[3:4], fb1) >= 35
 
 
 def test_refusals():

@@ -13,13 +13,24 @@ Matmul paths (`QuantLinear.path` says which one ran last):
 - fp8 on CUDA with compute capability >= 8.9: torch._scaled_mm with row-wise scales (activations
   quantized per token on the fly);
 - int8 with dynamic int8 activations (`activations="int8"`, the W8A8 of compressed-tensors) on CPU:
-  torch._int_mm (int8 x int8 -> int32, oneDNN) with per-token activation scales taken on the fly; the
-  weight's (N, K) rows read as a column-major (K, N), the layout that kernel runs fastest;
+  fbgemm's dynamic linear (torch.ops.quantized.linear_dynamic over a per-channel int8 weight packed once
+  per device into `_kernel_cache`; path "fbgemm_w8a8"). It quantizes its float32 input to uint8 inside
+  the op with one affine scale per call; more than one row is first divided by each row's amax (and the
+  output multiplied back), so every token still gets its own scale. Why this kernel: at batch-1 decode it
+  is the fastest int8 GEMV PyTorch ships for CPU (1.9x bf16 on the 155M shape's linears, 1 thread;
+  torch._int_mm runs ~6 GB/s at M=1, oneDNN's qlinear_pointwise 1.45x). Its price is PyTorch's
+  quantized-tensor API, deprecated in torch 2.13 (pytorch#184982; the one warning it raises is silenced
+  at prepack). When it is removed, or where fbgemm is not the quantized engine, the prepack fails and
+  the layer uses torch._int_mm (int8 x int8 -> int32, oneDNN) with symmetric per-token activation scales
+  (path "int_mm_w8a8"), the weight's (N, K) rows read as a column-major (K, N), the layout that kernel
+  runs fastest;
 - everything else (fp8 on CPU, nvfp4, mxfp4, shapes a kernel refuses): the weight is dequantized on the
   fly and multiplied in the activation dtype ("emulated"; FP4 tensor cores need Blackwell).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +130,23 @@ class QuantLinear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm(x2.contiguous(), packed, g, scale_zeros)
 
     def _w8a8(self, x2):
+        key = ("fbgemm", x2.device)
+        if key not in self._kernel_cache:
+            self._kernel_cache[key] = _prepack_fbgemm(self) if x2.device.type == "cpu" else None
+        prepared = self._kernel_cache[key]
+        if prepared is None:
+            return self._w8a8_int_mm(x2)
+        packed, reduce_range = prepared
+        x = x2.float()
+        if x.shape[0] == 1:  # one token: the op's per-call scale is already per token
+            y = torch.ops.quantized.linear_dynamic(x.contiguous(), packed, reduce_range)
+        else:  # rows scaled to amax 1 share one quantization range: per-token scales again
+            amax = x.abs().amax(-1, keepdim=True).clamp(min=1e-12)  # (M, 1)
+            y = torch.ops.quantized.linear_dynamic((x / amax).contiguous(), packed, reduce_range) * amax
+        self.path = "fbgemm_w8a8"
+        return y.to(x2.dtype)
+
+    def _w8a8_int_mm(self, x2):
         """Symmetric per-token activation scales, as compressed-tensors' dynamic `token` strategy takes
         them (amax / 127.5 (its (qmax - qmin) / 2), round half to even, clamp to [-128, 127])."""
         x_scale = x2.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 127.5  # (M, 1)
@@ -216,6 +244,44 @@ def _prepare_int4(m: QuantLinear, device, dtype):
     except RuntimeError:
         return None
     return packed, scale_zeros
+
+
+_QTENSOR_DEPRECATION = r"torch\.quantize_per_tensor, torch\.quantize_per_channel .* are deprecated"
+
+
+def _prepack_fbgemm(m: QuantLinear):
+    """(fbgemm's packed copy of the int8 weight (N, K) with its per-channel scales, reduce_range); None
+    where fbgemm is not the quantized engine or the quantized-tensor API is gone."""
+    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        return None
+    try:
+        return _fbgemm_pack(m.weight.detach(), m.weight_scale.detach().reshape(-1)), _reduce_range()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+
+
+def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor):
+    """weight (N, K) int8, scale (N,): bf16/fp32 scales are exact in the float64 the quantizer takes."""
+    zeros = torch.zeros(scale.shape, dtype=torch.long)
+    with warnings.catch_warnings():  # the deprecation of quantized tensors (see the module docstring)
+        warnings.filterwarnings("ignore", message=_QTENSOR_DEPRECATION)
+        qweight = torch._make_per_channel_quantized_tensor(weight, scale.double(), zeros, 0)
+        return torch.ops.quantized.linear_prepack(qweight, None)
+
+
+_REDUCE_RANGE: list[bool] = []
+
+
+def _reduce_range() -> bool:
+    """Whether fbgemm needs 7-bit activations on this CPU. Without AVX512-VNNI its kernel sums pairs of
+    uint8 x int8 products in int16 (vpmaddubsw), which saturates at 255 * 127 * 2; a probe at that worst
+    case, run once, tells whether the int32 sums are exact (8-bit activations) or not (7-bit, as
+    PyTorch's own default qconfig for fbgemm takes them)."""
+    if not _REDUCE_RANGE:
+        packed = _fbgemm_pack(torch.full((16, 64), 127, dtype=torch.int8), torch.ones(16))
+        y = torch.ops.quantized.linear_dynamic(torch.ones(1, 64), packed, False)  # x -> uint8 255
+        _REDUCE_RANGE.append(not torch.allclose(y, torch.full_like(y, 127 * 64), rtol=1e-3))
+    return _REDUCE_RANGE[0]
 
 
 def _fp8_views(module, state_dict, prefix, local_metadata):
