@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -168,7 +169,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-batch", type=int, default=16, help="omnilm serve --max-batch")
     ap.add_argument("--servers", nargs="+", default=["omnilm", "transformers", "transformers-1t"],
-                    help="transformers-1t: transformers serve with OMP_NUM_THREADS=1")  # fmt: skip
+                    help="a suffix -Nt runs that server with OMP_NUM_THREADS=N (transformers-1t, omnilm-2t)")  # fmt: skip
     ap.add_argument("--pin", action="store_true",
                     help="servers on the first CPU, clients on the others: each server's cost alone, not shared with the clients")  # fmt: skip
     args = ap.parse_args()
@@ -183,7 +184,7 @@ def main():
     runs = {}  # (server, clients) -> one result per round
 
     def command(name, port):
-        if name == "omnilm":
+        if name.startswith("omnilm"):
             return [sys.executable, "-m", "omnilm", "serve", "--model", str(model_dir), "--port", str(port),
                     "--device", args.device, "--max-queue", "256", "--max-batch", str(args.max_batch)], model_dir.name  # fmt: skip
         return [str(exe / "transformers"), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
@@ -196,7 +197,8 @@ def main():
         for name in args.servers:
             port = free_ports(1)[0]
             cmd, served = command(name, port)
-            proc, problem = start(cmd, port, 1 if name.endswith("-1t") else None)
+            threads = re.fullmatch(r".*-(\d+)t", name)
+            proc, problem = start(cmd, port, int(threads[1]) if threads else None)
             try:
                 if problem:
                     print(f"{name}: not measured ({problem.strip()})")
