@@ -228,20 +228,9 @@ def render_messages(processor, messages: list[dict]) -> dict:
     parts carry their media ({"type": "image", "image": bytes or path}, "audio", "file"): the one
     renderer of the server, `omnilm chat` and `omnilm generate --chat` (Pipeline.encode_chat)."""
     if processor.prompt_format == "chat" or find_chat_template(processor.tokenizer) is not None:
-        images = [
-            p["image"]
-            for m in messages
-            if isinstance(m["content"], list)
-            for p in m["content"]
-            if p["type"] == "image"
-        ]
-        audio = [
-            p["audio"]
-            for m in messages
-            if isinstance(m["content"], list)
-            for p in m["content"]
-            if p["type"] == "audio"
-        ]
+        parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"]]
+        images = [p["image"] for p in parts if p["type"] == "image"]
+        audio = [p["audio"] for p in parts if p["type"] == "audio"]
         # sources go through images=/audio= so the processor applies its limits in one place
         stripped = [
             {
