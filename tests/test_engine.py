@@ -205,6 +205,30 @@ def test_prefix_caching_shares_the_system_prompt_pages(model):
     assert third.output == plain[1]
 
 
+def test_prompts_behind_a_cached_prefix_are_prefilled_together(model, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    system = [1] + text(g, 31)  # 2 full pages of 16
+    prompts = [system + text(g, n) for n in (5, 5, 9, 5)]  # groups by (cached 32, length): 37 x3, 41 x1
+    cfg = GenerationConfig(max_new_tokens=10)
+    plain = [run_alone(model, p, cfg, {})[0] for p in prompts]
+    engine = Engine(model, prefix_caching=True)
+    warm = engine.submit(system + text(g, 3), cfg)
+    engine.step()  # its full prompt pages are registered
+    groups = []
+    real = engine._forward_prefill_group
+    monkeypatch.setattr(
+        engine,
+        "_forward_prefill_group",
+        lambda s, t, rows: groups.append((s, t, len(rows))) or real(s, t, rows),
+    )
+    reqs = [engine.submit(p, cfg) for p in prompts]
+    engine.step()  # one forward per (cached, length), not one per request
+    assert sorted(groups) == [(32, 37, 3), (32, 41, 1)]
+    while engine.has_work():
+        engine.step()
+    assert [r.output for r in reqs] == plain and len(warm.output) == 10 and engine.pool.used == 0
+
+
 def test_full_queue_and_long_prompt_fail_alone(model):
     engine = Engine(model, max_batch=1, max_queue=2)
     running = engine.submit([1, 2000, 3], GenerationConfig(max_new_tokens=8, eos_token_id=[]))

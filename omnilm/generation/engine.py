@@ -271,10 +271,13 @@ class Engine:
                     break  # first come, first served: later requests wait too
                 self._admit(self.waiting.popleft())
         budget = self.prefill_chunk
-        whole = []  # fresh prompts that fit this step whole: prefilled together, by length
+        # fresh prompts (a cached prefix included) that fit this step whole: prefilled together, grouped
+        # by (cached, length); a request already part-way through its chunks goes on alone below
+        whole = []
         for req in self.prefilling:
-            n = sum(len(seq.ids) for seq in req.seqs)
-            if n > budget or any(seq.cached for seq in req.seqs) or set(req.media) - BATCHED_MEDIA:
+            n = sum(len(seq.ids) - seq.cached for seq in req.seqs)
+            started = any(seq.embeds is not None for seq in req.seqs)
+            if n > budget or started or set(req.media) - BATCHED_MEDIA:
                 break
             if self.stateful and req.media:  # its state is made alone, in _prefill
                 break
@@ -383,18 +386,18 @@ class Engine:
         return done
 
     def _prefill_whole(self, reqs: list[Request]):
-        """Prefill whole fresh prompts, one forward per prompt length: rows of equal length need no
-        padding, so each row computes exactly what it computes alone. The media of a group are
-        encoded in one batch too (scattered in row order). A group whose forward fails (a request
-        with bad media) is redone one request at a time, so the bad one fails alone."""
-        groups: dict[int, list] = {}
+        """Prefill whole fresh prompts, one forward per (cached prefix, prompt length): rows alike in
+        both need no padding, so each row computes exactly what it computes alone. The media of a
+        group are encoded in one batch too (scattered in row order). A group whose forward fails (a
+        request with bad media) is redone one request at a time, so the bad one fails alone."""
+        groups: dict[tuple[int, int], list] = {}
         for req in reqs:
             for i, seq in enumerate(req.seqs):
-                groups.setdefault(len(seq.ids), []).append((req, i, seq))
+                groups.setdefault((seq.cached, len(seq.ids)), []).append((req, i, seq))
         failed = set()
-        for T, rows in groups.items():
+        for (start, T), rows in groups.items():
             try:
-                self._forward_prefill_group(T, rows)
+                self._forward_prefill_group(start, T, rows)
             except OmniLMError:
                 failed.update(req for req, _, _ in rows)
         for req in reqs:
@@ -405,7 +408,9 @@ class Engine:
             elif req in self.prefilling:
                 self._start(req)
 
-    def _forward_prefill_group(self, T: int, rows):
+    def _forward_prefill_group(self, start: int, T: int, rows):
+        """Positions start..T of every row (start > 0: a cached prefix, whose keys are read from
+        its pages; prefix caching is off for requests with media, so such rows have none)."""
         dev = self.device
         ids = torch.tensor([seq.ids for _, _, seq in rows], device=dev)  # (B, T)
         media = {}
@@ -413,14 +418,21 @@ class Engine:
             parts = [req.media[key] for req, i, _ in rows if i == 0 and key in req.media]
             if parts:
                 media[key] = torch.cat(parts)
-        embeds = self.model.embed(ids, **media)  # (B, T, D)
-        write = torch.tensor([t for _, _, seq in rows for t in self.kv.slots(seq.pages, 0, T)], device=dev)
+        embeds = self.model.embed(ids, **media)[:, start:]  # (B, T - start, D)
+        write = torch.tensor(
+            [t for _, _, seq in rows for t in self.kv.slots(seq.pages, start, T)], device=dev
+        )
         only = "image" if all(req.only == "image" for req, _, _ in rows) else None
+        positions = torch.arange(start, T, device=dev)
+        mask = None  # from 0: plain causal attention; after a prefix, the queries see it all (as _prefill)
+        if start > 0:
+            mask = (torch.arange(T, device=dev)[None, :] <= positions[:, None])[None, None]
         out = self.model(
             inputs_embeds=embeds,
-            position_ids=torch.arange(T, device=dev)[None].expand(len(rows), -1),
+            attention_mask=mask,
+            position_ids=positions[None].expand(len(rows), -1),
             cache=self.kv.view(write, self._read_pages([seq for _, _, seq in rows], T), T),
-            cache_position=torch.arange(T, device=dev),
+            cache_position=positions,
             kv_len=T,
             logits_slice=slice(-1, None),
             **({"logits_modality": only} if only else {}),
