@@ -137,7 +137,7 @@ def cmd_serve(args):
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("OMNILM_API_KEY"),
           max_queue=args.max_queue, max_batch=args.max_batch, device=args.device, dtype=args.dtype,
           allow_media_url=args.allow_media_url, allow_local_media=args.allow_local_media,
-          threads=args.threads)  # fmt: skip
+          threads=args.threads, prepack=not args.no_prepack)  # fmt: skip
 
 
 def cmd_chat(args):
@@ -532,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=_positive_int, default=None,
         help="torch threads (default: OMP_NUM_THREADS, else the physical cores less one, kept for HTTP)",
     )  # fmt: skip
+    p.add_argument("--no-prepack", action="store_true",
+                   help="keep eager nn.Linear (default on CPU: weights packed once for oneDNN, equal to float rounding)")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat in the terminal (/image, /audio, /file, /system, /reset, /save)")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 
 def serve(model, host="127.0.0.1", port=8000, api_key=None, max_queue=64, max_batch=16, device=None,
-          dtype=None, allow_media_url=False, allow_local_media=None, drain_seconds=30.0, threads=None):  # fmt: skip
+          dtype=None, allow_media_url=False, allow_local_media=None, drain_seconds=30.0, threads=None, prepack=True):  # fmt: skip
     """Run the server until SIGINT/SIGTERM; on SIGTERM in-flight requests get `drain_seconds` to finish.
     A model that fails to load stops the server and raises its error (the CLI's one-line `error:`).
-    threads: torch's intra-op threads (default: threads.serving_threads, one core left to HTTP)."""
+    threads: torch's intra-op threads (default: threads.serving_threads, one core left to HTTP).
+    prepack: the decoder's CPU linears with weights packed once for oneDNN (serve/prepack.py)."""
     import uvicorn
 
     from ..errors import OmniLMError
@@ -23,7 +24,7 @@ def serve(model, host="127.0.0.1", port=8000, api_key=None, max_queue=64, max_ba
         print(f"omnilm serve: {n} torch threads ({why})", flush=True)
         try:
             backend = Backend.load(
-                model, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue
+                model, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue, prepack=prepack
             )
         except Exception as e:
             failure.append(e)

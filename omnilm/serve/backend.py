@@ -16,23 +16,28 @@ __all__ = ["Backend", "GenerationConfig", "QueueFullError"]
 
 
 class Backend:
-    def __init__(self, pipeline):
+    def __init__(self, pipeline, prepack: bool = False):
         self.pipeline = pipeline
         self.processor = pipeline.processor
         self.model = pipeline.model
+        if prepack:  # before the engine takes the model: CPU linears packed once (serve/prepack.py)
+            from .prepack import prepack_linears
+
+            prepack_linears(self.model, batch_hint=pipeline.max_batch)
         self.model_dir = pipeline.model_dir
         self.engine = pipeline.engine  # started: a background thread drives engine.step()
         self.context = self.model.config.decoder.max_seq_len
         self.eos_ids = frozenset(pipeline.eos_ids(pipeline.generation_config))
 
     @classmethod
-    def load(cls, model, device=None, dtype=None, max_batch: int = 16, max_queue: int = 64) -> Backend:
+    def load(cls, model, device=None, dtype=None, max_batch: int = 16, max_queue: int = 64,
+             prepack: bool = False) -> Backend:  # fmt: skip
         from ..pipeline import Pipeline
 
         pipe = Pipeline.from_pretrained(
             model, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue
         )
-        return cls(pipe)
+        return cls(pipe, prepack=prepack)
 
     def submit(self, prompt_ids, cfg: GenerationConfig, media=None, on_event=None):
         if cfg.eos_token_id is None:
