@@ -243,3 +243,49 @@ def test_chat_messages_render_like_transformers(tiny):
             part.pop("audio_url", None)
     got = proc(messages=messages, audio=clips)
     assert torch.equal(got["input_ids"], hf_inputs(hf_proc, text, clips)["input_ids"])
+
+
+def test_served_chat_with_audio_equals_transformers(tiny, tmp_path):
+    """The server hands the engine every family input (the feature mask of a clip shorter than 30 s)."""
+    import base64
+    import io
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from omnilm.serve.app import create_app
+    from omnilm.serve.backend import Backend
+
+    ref, path, hf_proc, _ = tiny
+    clip = speechlike(2.0, seed=3)
+    buf = io.BytesIO()
+    soundfile.write(buf, clip, 16000, format="WAV", subtype="FLOAT")
+    part = {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(buf.getvalue()).decode(), "format": "wav"},
+    }
+    body = {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "what is it?"}]}],
+            "max_tokens": 6, "temperature": 0}  # fmt: skip
+    with TestClient(create_app(lambda: Backend.load(path), model_name="q2a")) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.02)
+        r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    hf_messages = [
+        {
+            "role": "user",
+            "content": [{"type": "audio", "audio_url": "a.wav"}, {"type": "text", "text": "what is it?"}],
+        }
+    ]
+    text = hf_proc.apply_chat_template(hf_messages, add_generation_prompt=True, tokenize=False)
+    inputs = hf_inputs(hf_proc, text, [clip])
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=[], pad_token_id=0)
+    new = out[0, inputs["input_ids"].shape[1] :].tolist()
+    want = hf_proc.tokenizer.decode(new, skip_special_tokens=True)
+    got = r.json()["choices"][0]["message"]["content"]
+    assert r.json()["usage"]["prompt_tokens"] == inputs["input_ids"].shape[1]
+    assert want.startswith(got) and (got == want or r.json()["choices"][0]["finish_reason"] == "stop"), (
+        got,
+        want,
+    )
