@@ -227,8 +227,8 @@ def render_messages(processor, messages: list[dict]) -> dict:
     """The processor batch (input_ids (1, T), pixel_values, input_features) for chat messages whose
     parts carry their media ({"type": "image", "image": bytes or path}, "audio", "file"): the one
     renderer of the server, `omnilm chat` and `omnilm generate --chat` (Pipeline.encode_chat)."""
-    # a family processor with its own chat format (Qwen2-Audio's ChatML) renders chats with it
-    own_chat = hasattr(processor, "render_messages")
+    # a family processor that renders chats itself (Qwen2-Audio's ChatML; Mllama's, as training does)
+    own_chat = getattr(processor, "renders_chats", False)
     if processor.prompt_format == "chat" or own_chat or find_chat_template(processor.tokenizer) is not None:
         parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"]]
         images = [p["image"] for p in parts if p["type"] == "image"]

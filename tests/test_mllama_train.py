@@ -166,3 +166,41 @@ def test_packing_cross_attention_samples_is_refused(parts, tmp_path):
     cfg.data.pack = True
     with pytest.raises(ConfigError, match="cannot share a row"):
         Trainer(cfg, tmp_path / "run", progress=False)
+
+
+def test_a_served_chat_with_an_image_equals_model_generate(parts):
+    """The server renders an image chat for a cross-attention model as training does (one <|image|>
+    token, tiles, cross-attention mask) and hands the engine every input: its answer equals
+    model.generate on the processor's batch."""
+    import base64
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from omnilm.serve.app import create_app
+    from omnilm.serve.backend import Backend
+
+    png = parts / "data" / "test" / "0000.png"
+    question = "which digit is this?"
+    url = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                       {"type": "text", "text": question}]}],
+            "max_tokens": 4, "temperature": 0}  # fmt: skip
+    with TestClient(create_app(lambda: Backend.load(parts / "x"), model_name="x")) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.02)
+        r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+
+    model = omnilm.load(parts / "x").eval()
+    proc = omnilm.load_processor(parts / "x")
+    batch = proc(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                 images=[str(png)])  # fmt: skip
+    assert batch["input_ids"][0].tolist().count(proc.image_token_id) == 1
+    assert r.json()["usage"]["prompt_tokens"] == batch["input_ids"].shape[1]
+    keys = ("input_ids", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+    out = model.generate(**{k: batch[k] for k in keys}, max_new_tokens=4)
+    new = out[0, batch["input_ids"].shape[1] :].tolist()
+    eos = {proc.tokenizer.eos_token_id, proc.tokenizer.eot_token_id}
+    new = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+    assert r.json()["choices"][0]["message"]["content"] == proc.tokenizer.decode(new)

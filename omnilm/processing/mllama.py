@@ -230,6 +230,7 @@ class MllamaProcessor:
         self.image_processor = image_processor
         self.image_token_id = image_token_id
         self.prompt_format = "plain"
+        self.renders_chats = True  # chat messages as training renders them (see _chat)
 
     @classmethod
     def from_pretrained(cls, path, tokenizer=None) -> MllamaProcessor:
@@ -284,8 +285,13 @@ class MllamaProcessor:
         return ids
 
     def __call__(self, text=None, images=None, audio=None, files=None, messages=None, add_bos=True, **_):
-        if audio or files or messages:
-            raise ConfigError("an mllama model takes text and images only (no audio, files or chat messages)")
+        """text (one prompt or a batch, one <|image|> marker per image) or messages (one chat, rendered
+        by the checkpoint's template, else the built-in format, as training renders it; image parts
+        without a source take `images` in order)."""
+        if audio or files:
+            raise ConfigError("an mllama model takes text and images only (no audio or files)")
+        if messages is not None:
+            return self._chat(messages, images)
         if text is None:
             raise ConfigError("an mllama prompt needs text (with one <|image|> marker per image)")
         texts = [text] if isinstance(text, str) else list(text)
@@ -293,8 +299,25 @@ class MllamaProcessor:
             images = [images]
         if images and not isinstance(images[0], (list, tuple)):
             images = [images] if len(texts) == 1 else [[im] for im in images]
-        rows = [self.encode(t, add_bos) for t in texts]
-        counts = [len(r) for r in images] if images else [0] * len(texts)
+        return self._batch([self.encode(t, add_bos) for t in texts], images)
+
+    def _chat(self, messages, images=None) -> dict:
+        from ..tokenizers.chat import render_chat_with_media
+
+        ids, _, media = render_chat_with_media(messages, self.tokenizer, add_generation_prompt=True)
+        given = iter(images or [])
+        sources = [src if src is not None else next(given, None) for kind, src in media if kind == "image"]
+        if len(sources) != len(media) or any(s is None for s in sources) or next(given, None) is not None:
+            raise MediaError(
+                f"the messages have {len(media)} image part(s) (and no audio) but the images do not match them"
+            )
+        marker = self.tokenizer.image_token_id  # the template's placeholder -> the model's image token
+        ids = [self.image_token_id if t == marker else t for t in ids]
+        return self._batch([ids], [sources] if sources else None)
+
+    def _batch(self, rows: list[list[int]], images) -> dict:
+        """Left-padded rows, their images tiled, the cross-attention mask (counts checked first)."""
+        counts = [len(r) for r in images] if images else [0] * len(rows)
         for b, (ids, n) in enumerate(zip(rows, counts)):  # checked before any image is decoded
             markers = ids.count(self.image_token_id)
             if markers != n:

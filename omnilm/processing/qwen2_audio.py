@@ -28,6 +28,7 @@ def audio_token_count(mel_frames: int) -> int:
 
 class Qwen2AudioProcessor:
     prompt_format = "plain"  # prompts carry their own special tokens (Pipeline reads this)
+    renders_chats = True  # chat messages through render_messages (Qwen2-Audio's ChatML), also when served
 
     def __init__(
         self, tokenizer: TextTokenizer, audio_processor: AudioProcessor, audio_token: str = AUDIO_TOKEN
