@@ -26,7 +26,7 @@ run audio 30 $PY benchmarks/bench_audio.py
 run image_gen 40 $PY benchmarks/bench_image_gen.py --device cuda --repeats 2
 run train 40 $PY benchmarks/bench_train.py
 run mllama 60 $PY benchmarks/bench_mllama.py --device cuda --new 64 --repeats 2
-run serve 60 $PY benchmarks/bench_serve.py --device cuda --clients 1 4 16 64 --max-tokens 128
+run serve 60 $PY benchmarks/bench_serve.py --device cuda --clients 1 16 64 --max-tokens 128 --rounds 1 --requests 1 --servers omnilm transformers
 # low-bit inference: fp8 through torch._scaled_mm (capability >= 8.9), int4 through tinygemm, vs bf16 and
 # transformers bf16 (the SQNR section runs on the CPU)
 run quant 80 $PY benchmarks/bench_quant.py --device cuda --threads 4 --tokens 128 --sections sqnr,speed --rounds 3 --speed-schemes int8,int4,int4+head,fp8,nvfp4,mxfp4
