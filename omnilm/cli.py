@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import OmniLMError
+from .errors import ConfigError, OmniLMError
 
 
 def cmd_plan(args):
@@ -35,6 +35,8 @@ def cmd_generate(args):
 
     # Inputs are read (and refused) before the weights load: a bad file should not wait for the model.
     _check_device(args.device)
+    if args.system is not None and not args.chat:
+        raise ConfigError("--system needs --chat (a system message belongs to a chat)")
     _check_output(args.output_image, "--output-image", _image_extensions(), ".png")
     _check_output(args.output_audio, "--output-audio", _audio_extensions(), ".wav")
     _check_videos(args.video)

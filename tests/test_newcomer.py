@@ -160,6 +160,8 @@ def bad_invocations(m, bare, tmp, cuda):
         (["generate", "--model", tmp / "nowhere", "--prompt", "hi"], ["nowhere"]),
         (["generate", "--model", bare, "--prompt", "hi"], ["tokenizer.json", "--tokenizer"]),
         (gen + ["--tokenizer", tmp / "no-tokenizer"], ["no-tokenizer"]),
+        (gen + ["--system", "be brief"], ["--system", "--chat"]),
+        (["serve", "--model", m, "--threads", "0"], ["--threads"]),
         (["generate", "--model", "org/absent", "--prompt", "hi"], ["org/absent", "not in the cache"]),
         (["convert", "--model", m, "--out", full], ["--out", "not empty", "--overwrite"]),
         (["convert", "--model", m, "--out", a_file], ["--out", "is a file"]),

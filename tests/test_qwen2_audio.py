@@ -87,6 +87,13 @@ def tiny(tmp_path_factory):
     return ref, root / "hf", hf_proc, audio_id
 
 
+def cli_generate(path, prompt, wav, new_tokens):
+    argv = ["generate", "--model", path, "--prompt", prompt, "--audio", wav, "--max-new-tokens", new_tokens]
+    return subprocess.run(
+        [sys.executable, "-m", "omnilm", *map(str, argv)], capture_output=True, text=True, timeout=120
+    )
+
+
 def hf_inputs(hf_proc, prompt, clips):
     return hf_proc(text=prompt, audio=clips, sampling_rate=16000, return_tensors="pt")
 
@@ -154,25 +161,7 @@ def test_placeholder_count_mismatch_is_one_line_error(tiny, tmp_path):
         )
     wav = tmp_path / "a.wav"
     soundfile.write(wav, speechlike(1.0), 16000)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "omnilm",
-            "generate",
-            "--model",
-            str(path),
-            "--prompt",
-            "<|AUDIO|> <|AUDIO|>",
-            "--audio",
-            str(wav),
-            "--max-new-tokens",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = cli_generate(path, "<|AUDIO|> <|AUDIO|>", wav, 2)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), (
         out.stderr
     )
@@ -182,26 +171,15 @@ def test_cli_generates_from_an_audio_file(tiny, tmp_path):
     _, path, _, _ = tiny
     wav = tmp_path / "a.wav"
     soundfile.write(wav, speechlike(2.0), 16000)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "omnilm",
-            "generate",
-            "--model",
-            str(path),
-            "--prompt",
-            "<|audio_bos|><|AUDIO|><|audio_eos|>what",
-            "--audio",
-            str(wav),
-            "--max-new-tokens",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    prompt = "<|audio_bos|><|AUDIO|><|audio_eos|>what"
+    out = cli_generate(path, prompt, wav, 3)
     assert out.returncode == 0, out.stderr
+    pipe = omnilm.Pipeline.from_pretrained(path)  # the printed answer is the pipeline's, for the same file
+    try:
+        answer = pipe(prompt, audio=[str(wav)], max_new_tokens=3).text.strip()
+        assert answer and out.stdout.strip() == answer
+    finally:
+        pipe.close()
 
 
 def test_lora_step_trains(tiny):

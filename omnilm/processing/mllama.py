@@ -225,12 +225,13 @@ class MllamaProcessor:
     The marker becomes the model's image token id (config.json image_token_index); the rest of the
     text is encoded as untrusted text. A batch of prompts is left-padded (generation needs that)."""
 
+    renders_chats = True  # chat messages as training renders them (see _chat)
+
     def __init__(self, tokenizer, image_processor: MllamaImageProcessor, image_token_id: int):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_token_id = image_token_id
         self.prompt_format = "plain"
-        self.renders_chats = True  # chat messages as training renders them (see _chat)
 
     @classmethod
     def from_pretrained(cls, path, tokenizer=None) -> MllamaProcessor:

@@ -563,7 +563,9 @@ async def _choice(request, state, b, req, sink, cfg) -> dict:
     return {"text": text.text, "ids": ids, "events": events, "finish": finish}
 
 
-async def _run_choices(request, state, b, prompt, media, cfg, n) -> list[dict]:
+def _submit_choices(state, b, prompt, media, cfg, n) -> list[tuple]:
+    """n engine requests for one prompt ((request, its event queue) each; choice i samples with seed + i),
+    all or none: a refused one cancels those already in."""
     loop = asyncio.get_running_loop()
     reqs = []
     try:
@@ -576,6 +578,11 @@ async def _run_choices(request, state, b, prompt, media, cfg, n) -> list[dict]:
             r.cancel()
         raise
     state.metrics.tokens_in.inc(len(prompt))
+    return reqs
+
+
+async def _run_choices(request, state, b, prompt, media, cfg, n) -> list[dict]:
+    reqs = _submit_choices(state, b, prompt, media, cfg, n)
     return list(await asyncio.gather(*(_choice(request, state, b, r, s, cfg) for r, s in reqs)))
 
 
@@ -663,18 +670,7 @@ async def _stream_completion(request, state, b, body, prompt, cfg):
 
 async def _stream(request, state, b, body, prompt, media, cfg, chat: bool):
     """SSE as the OpenAI client reads it: role chunk, content chunks, finish chunk, [usage], [DONE]."""
-    loop = asyncio.get_running_loop()
-    reqs = []
-    try:
-        for i in range(body.n):
-            c = cfg if cfg.seed is None or i == 0 else _with_seed(cfg, cfg.seed + i)
-            sink = asyncio.Queue()
-            reqs.append((_submit(b, prompt, media, c, loop, sink), sink))
-    except APIError:
-        for r, _ in reqs:
-            r.cancel()
-        raise
-    state.metrics.tokens_in.inc(len(prompt))
+    reqs = _submit_choices(state, b, prompt, media, cfg, body.n)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
