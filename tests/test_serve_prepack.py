@@ -6,7 +6,7 @@ from torch import nn
 
 import omnilm
 from omnilm.config import get_preset
-from omnilm.serve.prepack import PackedLinear, prepack_linears
+from omnilm.serve.prepack import PackedLinear, bucket, buckets, prepack_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 
@@ -16,7 +16,8 @@ def test_packed_linear_equals_linear(dtype, tol):
     torch.manual_seed(0)
     lin = nn.Linear(64, 48, bias=True).to(dtype)
     packed = PackedLinear(lin, batch_hint=16)
-    for shape in [(1, 64), (16, 64), (3, 5, 64)]:  # other batch sizes than the hint, and 3-D input
+    # other batch sizes than the hint, 3-D input, and row counts past the hint (run padded to a bucket)
+    for shape in [(1, 64), (16, 64), (3, 5, 64), (17, 64), (3, 45, 64), (1000, 64)]:
         x = torch.randn(shape, dtype=dtype)
         ref = lin(x)
         got = packed(x)
@@ -43,3 +44,23 @@ def test_prepack_swaps_the_decoder_and_keeps_its_answers():
 def test_prepack_leaves_other_dtypes_alone():
     model = omnilm.build(get_preset("tiny"), seed=0).to(torch.float16)
     assert prepack_linears(model) == 0
+
+
+def test_row_buckets_are_exact_to_the_hint_then_few_and_tight():
+    assert [bucket(m, 16) for m in (1, 7, 16)] == [1, 7, 16]  # decode batches run as they are
+    assert [bucket(m, 16) for m in (17, 32, 33, 129, 1025)] == [32, 32, 48, 144, 1152]
+    for m in range(129, 5000):  # past 128 rows at most 1/8 more rows computed
+        assert m <= bucket(m, 16) <= m * 9 / 8
+    assert buckets(16) == list(range(1, 17)) + [32, 48, 64, 80, 96, 112, 128]  # what prepack builds
+
+
+def test_warm_runs_every_bucket_once():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24)
+    packed = PackedLinear(lin, batch_hint=4)
+    rows = []
+    packed.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    packed.warm(up_to=40)
+    assert rows == [1, 2, 3, 4, 16, 32, 48]  # the buckets of 1..40 rows
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(packed(x), lin(x), rtol=1e-5, atol=1e-5)

@@ -9,6 +9,8 @@ def serve(model, host="127.0.0.1", port=8000, api_key=None, max_queue=64, max_ba
     A model that fails to load stops the server and raises its error (the CLI's one-line `error:`).
     threads: torch's intra-op threads (default: threads.serving_threads, one core left to HTTP).
     prepack: the decoder's CPU linears with weights packed once for oneDNN (serve/prepack.py)."""
+    import gc
+
     import uvicorn
 
     from ..errors import OmniLMError
@@ -30,6 +32,12 @@ def serve(model, host="127.0.0.1", port=8000, api_key=None, max_queue=64, max_ba
             failure.append(e)
             server.should_exit = True  # a server without its model is of no use
             raise
+        # What is alive now (torch, the model, every module) lives as long as the server: moved out of
+        # the collector's reach, so a full collection, triggered by the garbage of requests, scans
+        # only what requests made. Measured: a 93 ms full collection on the event loop stalled the
+        # engine thread (waiting for the GIL) mid-step under 16 streaming clients.
+        gc.collect()
+        gc.freeze()
         print(f"omnilm serve: {name} ready", flush=True)
         return backend
 
