@@ -86,7 +86,12 @@ def prepack_linears(model: nn.Module, batch_hint: int = 16, warm: bool = True) -
                 packed = PackedLinear(child, batch_hint)
                 setattr(module, child_name, packed)
                 swapped += 1
-                shape = (packed.in_features, packed.out_features, packed.bias is not None, packed.packed.dtype)
+                shape = (
+                    packed.in_features,
+                    packed.out_features,
+                    packed.bias is not None,
+                    packed.packed.dtype,
+                )
                 if warm and shape not in shapes:
                     shapes.add(shape)
                     packed.warm()
