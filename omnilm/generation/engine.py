@@ -315,10 +315,9 @@ class Engine:
             req.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         ids = torch.tensor([req.prompt_ids], device=self.device)
         vocab = disc.vocab_size if disc is not None else dec.vocab_size
-        penalties = Penalties(vocab, req.prompt_ids, cfg.repetition_penalty, cfg.presence_penalty,
-                              cfg.frequency_penalty, self.device)  # fmt: skip
-        if penalties.active:
-            req.processors.append(penalties)
+        if Penalties.needed(cfg.repetition_penalty, cfg.presence_penalty, cfg.frequency_penalty):
+            req.processors.append(Penalties(vocab, req.prompt_ids, cfg.repetition_penalty, cfg.presence_penalty,
+                                            cfg.frequency_penalty, self.device))  # fmt: skip
         if disc is not None:
             req.spans = SpanController.from_prompt(disc, ids)
             if req.spans.state == IMAGE_CODES and req.spans.left >= req.max_new:

@@ -147,9 +147,11 @@ class Penalties:
         self.seen[0, ids[ids < vocab_size]] = True  # ids past the head (Mllama's <|image|>) have no logit
         self.counts = torch.zeros(1, vocab_size, device=device)  # (1, V) generated ids only, as OpenAI counts
 
-    @property
-    def active(self) -> bool:
-        return self.repetition is not None or self.presence != 0.0 or self.frequency != 0.0
+    @staticmethod
+    def needed(repetition=None, presence=0.0, frequency=0.0) -> bool:
+        """Whether these settings change any logit (else no Penalties is made: two vocabulary-sized
+        tensors per request)."""
+        return repetition not in (None, 1.0) or bool(presence) or bool(frequency)
 
     def process(self, logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """logits (1, V') cover ids [offset, offset + V') (one modality's head, or the whole vocabulary)."""

@@ -179,10 +179,13 @@ def find_chat_template(tokenizer: TextTokenizer):
     own = getattr(tokenizer, "chat_template", None)
     if own is not None:
         return own
-    source = Path(str(tokenizer.source))
-    if not source.is_file():
-        return None
-    return _template_in(str(source.parent))
+    return _template_beside(str(tokenizer.source))
+
+
+@lru_cache(maxsize=32)
+def _template_beside(source: str):  # once per tokenizer file, not a stat per conversation
+    path = Path(source)
+    return _template_in(str(path.parent)) if path.is_file() else None
 
 
 @lru_cache(maxsize=32)
@@ -269,8 +272,8 @@ class ChatTemplate:
         """
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ConfigError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        specials = _added_tokens(tokenizer)
-        guarded = _Guards(specials)
+        specials, any_special, longest_first = _added_tokens(tokenizer)
+        guarded = _Guards(any_special)
         media: list = []
         msgs = [_template_message(m, i, media, guarded, load_file) for i, m in enumerate(messages)]
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
@@ -280,7 +283,7 @@ class ChatTemplate:
         text = self._render(msgs, add_generation_prompt, kwargs)
         if "\U000ffffe" not in text:  # no {% generation %} blocks: learn the assistant messages' text
             text = _mark_assistant(text, msgs, specials)
-        ids, mask = _tokenize(text, tokenizer, specials, guarded)
+        ids, mask = _tokenize(text, tokenizer, specials, guarded, longest_first)
         for kind, marker in (("image", tokenizer.image_token_id), ("audio", tokenizer.audio_token_id)):
             want = sum(k == kind for k, _ in media)
             if ids.count(marker) != want if marker is not None else want:
@@ -305,9 +308,9 @@ def _plain(x):
 class _Guards(list):
     """The user texts replaced by stand-ins, and the pattern of the special-token strings."""
 
-    def __init__(self, specials):
+    def __init__(self, special_re: re.Pattern | None):
         super().__init__()
-        self.special_re = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
+        self.special_re = special_re
 
 
 def _guard(text: str, guarded: _Guards) -> str:
@@ -384,11 +387,21 @@ def _mark_assistant(text: str, msgs, specials) -> str:
     return text
 
 
-def _added_tokens(tokenizer: TextTokenizer) -> dict[str, int]:
-    return {t.content: i for i, t in tokenizer._tok.get_added_tokens_decoder().items()}
+def _added_tokens(tokenizer: TextTokenizer):
+    """(added-token string -> id, a pattern finding any of them, one matching the longest first),
+    kept on the tokenizer until its vocabulary grows: rebuilt for every conversation they were half
+    of a short chat's rendering (a Llama-3 vocabulary has 256 added tokens)."""
+    size = tokenizer.vocab_size
+    cached = getattr(tokenizer, "_chat_specials", None)
+    if cached is None or cached[0] != size:
+        specials = {t.content: i for i, t in tokenizer._tok.get_added_tokens_decoder().items()}
+        pattern = lambda order: re.compile("|".join(map(re.escape, order))) if specials else None  # noqa: E731
+        cached = (size, specials, pattern(specials), pattern(sorted(specials, key=len, reverse=True)))
+        tokenizer._chat_specials = cached
+    return cached[1:]
 
 
-def _tokenize(text: str, tokenizer: TextTokenizer, specials: dict[str, int], guarded: list[str]):
+def _tokenize(text: str, tokenizer: TextTokenizer, specials: dict[str, int], guarded: list[str], special_re):
     """Ids of rendered text: special-token strings the template wrote become their ids; guarded user
     text is ordinary text. Returns (ids, loss_mask) with 1 on tokens inside learned spans."""
     # Undo the guards: the plain text, per character whether it is learned, and the user-text spans.
@@ -427,8 +440,7 @@ def _tokenize(text: str, tokenizer: TextTokenizer, specials: dict[str, int], gua
         mask.extend(int(learn[start + min(a, end - start - 1)]) for a, _ in enc.offsets)
 
     pos = 0
-    if specials:
-        special_re = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+    if special_re is not None:  # the special-token strings, longest first
         for m in special_re.finditer(plain):
             if any(a <= m.start() < b for a, b in user_spans):
                 continue
