@@ -6,7 +6,7 @@ from torch import nn
 
 import omnilm
 from omnilm.config import get_preset
-from omnilm.serve.prepack import PackedLinear, bucket, buckets, prepack_linears
+from omnilm.serve.prepack import PackedLinear, bucket, buckets, fuse_projections, prepack_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 
@@ -35,7 +35,10 @@ def test_prepack_swaps_the_decoder_and_keeps_its_answers():
     ref_tokens = model.generate(ids, max_new_tokens=8)
     n = prepack_linears(model)
     linears = [m for name, m in model.named_modules() if isinstance(m, PackedLinear)]
-    assert n == len(linears) == 7 * model.config.decoder.num_layers + 1  # q k v o gate up down, the head
+    # q/k/v and gate/up fused: qkv o gate_up down per layer, and the head
+    assert n == len(linears) == 4 * model.config.decoder.num_layers + 1
+    attn = model.language_model.model.layers[0].self_attn
+    assert attn.q_proj is None and isinstance(attn.qkv_proj, PackedLinear)
     got = model(input_ids=ids).logits
     assert (got - ref_logits).abs().max() < 1e-4 * ref_logits.abs().max()
     assert torch.equal(model.generate(ids, max_new_tokens=8), ref_tokens)
@@ -64,3 +67,21 @@ def test_warm_runs_every_bucket_once():
     assert rows == [1, 2, 3, 4, 16, 32, 48]  # the buckets of 1..40 rows
     x = torch.randn(5, 32)
     torch.testing.assert_close(packed(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])  # Llama; Qwen2's biased q/k/v
+def test_fused_projections_compute_what_the_separate_ones_do(qkv_bias):
+    cfg = get_preset("tiny")
+    cfg.decoder.qkv_bias = qkv_bias
+    model = omnilm.build(cfg, seed=5).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ids = torch.randint(3, 2000, (2, 7), generator=torch.Generator().manual_seed(2))
+    ref_logits, ref_tokens = model(input_ids=ids).logits, model.generate(ids, max_new_tokens=6)
+    layers = model.config.decoder.num_layers
+    assert fuse_projections(model) == 2 * layers  # every attention and every SwiGLU of the decoder
+    mlp = model.language_model.model.layers[0].mlp
+    assert mlp.gate_proj is None and type(mlp.gate_up_proj) is nn.Linear
+    torch.testing.assert_close(model(input_ids=ids).logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.generate(ids, max_new_tokens=6), ref_tokens)

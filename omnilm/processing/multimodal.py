@@ -321,19 +321,19 @@ class Processor:
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-        attn = torch.zeros((len(rows), width), dtype=torch.long)
-        loss = torch.zeros((len(rows), width), dtype=torch.long) if masks is not None else None
-        for b, r in enumerate(rows):
-            if not r:
-                continue
-            ids[b, width - len(r) :] = torch.tensor(r)
-            attn[b, width - len(r) :] = 1
-            if loss is not None:
-                loss[b, width - len(r) :] = torch.tensor(masks[b])
-        out = {"input_ids": ids, "attention_mask": attn}
-        if loss is not None:
-            out["loss_mask"] = loss
+        # padded as lists, one tensor each: the server renders on its event loop, where every torch
+        # call is a round trip of the GIL to the engine thread
+        left = [width - len(r) for r in rows]
+        out = {
+            "input_ids": torch.tensor([[pad_id] * n + list(r) for n, r in zip(left, rows)], dtype=torch.long),
+            "attention_mask": torch.tensor(
+                [[0] * n + [1] * len(r) for n, r in zip(left, rows)], dtype=torch.long
+            ),
+        }  # (B, T) each
+        if masks is not None:
+            out["loss_mask"] = torch.tensor(
+                [[0] * n + list(m) for n, m in zip(left, masks)], dtype=torch.long
+            )
         return out
 
     # ---- persistence ------------------------------------------------------------------------------

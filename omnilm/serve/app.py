@@ -15,9 +15,9 @@ import base64
 import hmac
 import io
 import json
+import random
 import threading
 import time
-import uuid
 import weakref
 
 from fastapi import FastAPI, Request
@@ -292,7 +292,7 @@ def create_app(load, api_key=None, max_body: int = DEFAULT_MAX_BODY, allow_media
                 out["logprobs"] = {"content": [_chat_logprob(b, e) for e in c["events"]]}
             out_choices.append(out)
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "id": _new_id("chatcmpl"),
             "object": "chat.completion",
             "created": int(time.time()),
             "model": state.model_name,
@@ -344,7 +344,7 @@ def create_app(load, api_key=None, max_body: int = DEFAULT_MAX_BODY, allow_media
                                     "finish_reason": c["finish"]})  # fmt: skip
                 usage_choices.append(c)
         usage = _usage(n_prompt, usage_choices)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        return {"id": _new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
                 "model": state.model_name, "choices": out_choices, "usage": usage}  # fmt: skip
 
     @app.post("/v1/images/generations")
@@ -493,6 +493,13 @@ class _Handoff:
 
 
 _handoffs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per event loop
+_id_source = random.Random()  # seeded from os.urandom once: uuid4 reads it (a syscall) for every id
+
+
+def _new_id(prefix: str) -> str:
+    """A response id (chatcmpl-<32 hex>); unique, not secret. On the event loop a syscall hands the
+    GIL to the engine thread and waits to get it back."""
+    return f"{prefix}-{_id_source.getrandbits(128):032x}"
 
 
 def _submit(b, prompt, media, cfg, loop, sink):
@@ -649,7 +656,7 @@ def _audio_out(b, ids, transcript) -> dict | None:
         return None
     buf = io.BytesIO()
     soundfile.write(buf, waves[0][0], waves[0][1], format="WAV")
-    return {"id": f"audio-{uuid.uuid4().hex}", "data": base64.b64encode(buf.getvalue()).decode(),
+    return {"id": _new_id("audio"), "data": base64.b64encode(buf.getvalue()).decode(),
             "expires_at": int(time.time()) + 3600, "transcript": transcript}  # fmt: skip
 
 
@@ -671,7 +678,7 @@ async def _stream_completion(request, state, b, body, prompt, cfg):
 async def _stream(request, state, b, body, prompt, media, cfg, chat: bool):
     """SSE as the OpenAI client reads it: role chunk, content chunks, finish chunk, [usage], [DONE]."""
     reqs = _submit_choices(state, b, prompt, media, cfg, body.n)
-    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    ident = _new_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 

@@ -11,6 +11,10 @@ and a wave of 16 requests met a 120 ms step. So row counts are bucketed (exact u
 the decode sizes; past it rounded up, the extra rows zeros and the result cut back) and the buckets up
 to MAX_WARM rows are built at prepack, so serving meets no kernel built on the way.
 
+The decoder's q/k/v projections become one product, as do the SwiGLU's gate/up (the model's
+qkv_proj / gate_up_proj): three and two GEMMs become one each, which at decode sizes saves the fixed
+cost of a call (54 us a layer at 16 rows on the 4-layer bench model, ~5% of a decode step).
+
 Applied from outside to a built model, for serving only (a module swap, like quantization): the packed
 weight replaces the module's parameter, so the model cannot be trained or saved afterwards. Results
 equal nn.Linear's to float rounding (a different summation order), not bit for bit.
@@ -72,12 +76,51 @@ def available(model: nn.Module) -> bool:
     return p.device.type == "cpu" and p.dtype in DTYPES and torch.backends.mkldnn.is_available()
 
 
+def fuse_projections(model: nn.Module) -> int:
+    """Give each decoder attention whose q/k/v are plain nn.Linear one qkv_proj (their weights
+    stacked), and each such SwiGLU one gate_up_proj; the separate projections are dropped. Returns how
+    many modules were fused. The products are the same rows of the same weights."""
+    from ..models.common.attention import SelfAttention
+    from ..models.common.mlp import SwiGLU
+
+    fused = 0
+    for name, module in list(model.named_modules()):
+        if not name.startswith(SCOPE):
+            continue
+        if isinstance(module, SelfAttention) and _plain(module.q_proj, module.k_proj, module.v_proj):
+            module.qkv_proj = _stacked(module.q_proj, module.k_proj, module.v_proj)
+            module.q_proj = module.k_proj = module.v_proj = None
+            fused += 1
+        elif isinstance(module, SwiGLU) and _plain(module.gate_proj, module.up_proj):
+            module.gate_up_proj = _stacked(module.gate_proj, module.up_proj)
+            module.gate_proj = module.up_proj = None
+            fused += 1
+    return fused
+
+
+def _plain(*linears) -> bool:
+    return all(type(m) is nn.Linear for m in linears) and len({m.bias is None for m in linears}) == 1
+
+
+def _stacked(*linears: nn.Linear) -> nn.Linear:
+    first = linears[0]
+    out = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None)
+    out = out.to(device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in linears]))
+        if out.bias is not None:
+            out.bias.copy_(torch.cat([m.bias for m in linears]))
+    return out
+
+
 def prepack_linears(model: nn.Module, batch_hint: int = 16, warm: bool = True) -> int:
-    """Swap the decoder's plain nn.Linear modules (not quantized or LoRA ones) for PackedLinear;
-    returns how many. A model on another device or dtype is left as it is (0). warm: build the
-    kernels of every bucket up to MAX_WARM rows now, once per weight shape (oneDNN caches them)."""
+    """Fuse the decoder's projections (fuse_projections), then swap its plain nn.Linear modules (not
+    quantized or LoRA ones) for PackedLinear; returns how many. A model on another device or dtype is
+    left as it is (0). warm: build the kernels of every bucket up to MAX_WARM rows now, once per
+    weight shape (oneDNN caches them)."""
     if not available(model):
         return 0
+    fuse_projections(model)
     swapped, shapes = 0, set()
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):

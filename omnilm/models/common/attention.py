@@ -97,20 +97,31 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
+        # q, k and v as one product, set (with q/k/v_proj dropped) by serving's serve/prepack.py: one
+        # GEMM instead of three per layer and step, and q and k rotated together
+        self.qkv_proj = None
 
     def forward(self, x, rope=None, mask=None, is_causal=False, cache=None, cache_position=None, kv_len=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        H, H_kv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * H_kv, hd).transpose(1, 2)  # (B, H + 2 H_kv, T, hd)
+            qk, v = qkv[:, : H + H_kv], qkv[:, H + H_kv :]
+            if rope is not None:
+                qk = apply_rope(qk, *rope)
+            q, k = qk[:, :H], qk[:, H:]
+        else:
+            q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+            k = self.k_proj(x).view(B, T, H_kv, hd).transpose(1, 2)  # (B, H_kv, T, hd)
+            v = self.v_proj(x).view(B, T, H_kv, hd).transpose(1, 2)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(cache_position, k, v)  # (B, H_kv, S_max, hd)
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         out = attention(q, k, v, mask=mask, is_causal=is_causal)  # (B, H, T, hd)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * hd))
 
 
 class EncoderAttention(nn.Module):
