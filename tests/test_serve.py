@@ -127,6 +127,38 @@ def test_demo_answers_equal_the_cli(client, inputs, capsys):
     assert answers[1] == "4821" and answers[2] == "64" and answers[3] == "5307"  # the demo is that good
 
 
+def test_video_url_part_is_read_as_the_cli_reads_a_video(client, inputs, capsys):
+    """vLLM's video_url part: the same prompt as a file part holding the clip and as `--video`; a
+    video_url that holds no video is a 400 naming the part."""
+    from omnilm.demo.data import load_digits, video_clip
+
+    _, _, test_x, _ = load_digits(seed=0)
+    clip = inputs / "clip.mp4"
+    clip.write_bytes(video_clip(test_x[3], "4821", np.random.default_rng(1)))
+    question = "which digit is shown and which number is dialled?"
+    parts = {
+        "video_url": {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + _b64(clip)}},
+        "file": {"type": "file", "file": {"file_data": _b64(clip), "filename": "clip.mp4"}},
+    }
+    answers = {}
+    for name, part in parts.items():
+        r = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": [part, {"type": "text", "text": question}]}],
+            max_tokens=8, temperature=0,
+        )  # fmt: skip
+        answers[name] = r.choices[0].message.content
+        assert r.usage.prompt_tokens > 20  # two frames and a second of sound, not the question alone
+    cli = _cli(capsys, "--video", str(clip), "--prompt", question, "--max-new-tokens", "8")
+    assert answers["video_url"] == answers["file"] == cli
+    not_video = {
+        "type": "video_url",
+        "video_url": {"url": "data:video/mp4;base64," + _b64(inputs / "digit.png")},
+    }
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": [not_video]}])
+    assert "messages[0].content[0]" in str(e.value) and "video" in str(e.value)
+
+
 def test_text_stream_equals_non_stream(client, inputs):
     messages = [
         {

@@ -219,7 +219,7 @@ def test_backpressure_and_disconnect_on_a_real_socket():
 def test_page_is_self_contained_and_speaks_the_api(fake_client):
     html = fake_client.get("/", headers=AUTH).text
     assert "<script src" not in html and "http://" not in html and "https://" not in html  # no CDN
-    for needle in ("/v1/chat/completions", "image_url", "input_audio", "file_data", "stream: true",
+    for needle in ("/v1/chat/completions", "image_url", "input_audio", "video_url", "file_data", "stream: true",
                    "/v1/images/generations", 'aria-label="Conversation"', 'for="prompt"', "sessionStorage"):  # fmt: skip
         assert needle in html
     # the request the page sends for an attached PNG and a question is accepted as it is
@@ -256,6 +256,9 @@ _part = st.one_of(
         {"type": st.just("input_audio"), "input_audio": st.fixed_dictionaries({"data": _b64, "format": st.sampled_from(["wav", "mp3", "aac"])})}
     ),
     st.fixed_dictionaries({"type": st.just("file"), "file": st.fixed_dictionaries({"file_data": _b64, "filename": st.text(max_size=10)})}),
+    st.fixed_dictionaries(
+        {"type": st.just("video_url"), "video_url": st.fixed_dictionaries({"url": _b64.map(lambda s: "data:video/mp4;base64," + s)})}
+    ),
     st.dictionaries(st.sampled_from(["type", "text", "image_url"]), _junk, max_size=2),
 )  # fmt: skip
 _message = st.fixed_dictionaries(

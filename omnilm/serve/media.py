@@ -1,6 +1,7 @@
 """OpenAI chat messages -> model inputs: content parts decoded (with limits) and the prompt rendered.
 
-Media come inline as base64 (`data:` URIs, input_audio, file_data). http(s) URLs are fetched only with
+Media come inline as base64 (`data:` URIs, input_audio, file_data; a video as vLLM's video_url part, a
+file part that must hold a video container). http(s) URLs are fetched only with
 --allow-media-url and file:// paths read only under --allow-local-media DIR; by default neither.
 The prompt follows the checkpoint: its own Jinja chat template if it has one, the built-in chat
 format if processor_config.json says "chat", else the plain format `omnilm generate` uses (the
@@ -36,7 +37,8 @@ class MediaPolicy:
         self.local_dir = Path(local_dir).resolve() if local_dir else None
         self.max_bytes = max_bytes
 
-    def image_bytes(self, url: str, where: str) -> bytes:
+    def image_bytes(self, url: str, where: str, kind: str = "image") -> bytes:
+        """The bytes an image_url (or video_url) names: a data: URI, or an allowed URL or local file."""
         m = _DATA_URI.match(url)
         if m:
             return b64decode(url[m.end() :], where, self.max_bytes)
@@ -44,7 +46,7 @@ class MediaPolicy:
         if scheme in ("http", "https"):
             if not self.allow_url:
                 raise MediaError(
-                    f"{where}: image URLs are not fetched (start the server with --allow-media-url)"
+                    f"{where}: {kind} URLs are not fetched (start the server with --allow-media-url)"
                 )
             return self._fetch(url, where)
         if scheme == "file":
@@ -88,6 +90,13 @@ def to_parts(messages, policy: MediaPolicy) -> list[dict]:
                 parts.append({"type": "text", "text": p.text})
             elif p.type == "image_url":
                 parts.append({"type": "image", "image": policy.image_bytes(p.image_url.url, where)})
+            elif p.type == "video_url":
+                from ..processing.video import video_container
+
+                data = policy.image_bytes(p.video_url.url, where, kind="video")
+                if not video_container(data[:16]):
+                    raise MediaError(f"{where}: video_url holds no MP4/MOV, WebM/MKV or AVI container")
+                parts.append({"type": "file", "file": data})  # documents read it: frames and sound track
             elif p.type == "input_audio":
                 data = b64decode(p.input_audio.data, f"{where}.input_audio.data", policy.max_bytes)
                 parts.append({"type": "audio", "audio": data})

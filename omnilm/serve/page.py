@@ -1,7 +1,7 @@
 """The web chat page served at `/`: one self-contained HTML/JS page (no build step, no CDN).
 
 It talks to the same /v1 routes as any client: attachments become content parts (image_url data
-URIs, input_audio, file), answers stream over SSE, "draw ..." prompts may ask /v1/images/generations.
+URIs, input_audio, video_url, file), answers stream over SSE, "draw ..." prompts may ask /v1/images/generations.
 The key is entered once (or arrives as ?key= and is removed from the address bar) and kept in
 sessionStorage.
 """
@@ -50,7 +50,7 @@ PAGE = r"""<!doctype html>
 <footer>
   <form id="form" style="display:contents">
     <label for="attach">Attach image, audio or PDF</label>
-    <input id="attach" type="file" multiple accept="image/*,audio/*,.pdf,.csv,.md,.txt,.json,.html">
+    <input id="attach" type="file" multiple accept="image/*,audio/*,video/*,.pdf,.csv,.md,.txt,.json,.html">
     <span id="attached" aria-live="polite"></span>
     <label for="prompt" class="visually-hidden">Message</label>
     <textarea id="prompt" rows="2" placeholder="Ask something; Enter sends, Shift+Enter is a new line"></textarea>
@@ -104,6 +104,9 @@ async function toPart(file) {
     const ext = (file.name.split(".").pop() || "wav").toLowerCase();
     const format = ["wav", "mp3", "flac", "ogg"].includes(ext) ? ext : "wav";
     return { type: "input_audio", input_audio: { data, format } };
+  }
+  if (file.type.startsWith("video/")) {
+    return { type: "video_url", video_url: { url: "data:" + file.type + ";base64," + data } };
   }
   return { type: "file", file: { file_data: data, filename: file.name } };
 }

@@ -65,7 +65,16 @@ class FilePart(Strict):
     file: FileData
 
 
-Part = Annotated[TextPart | ImagePart | AudioPart | FilePart, Field(discriminator="type")]
+class VideoURL(Strict):
+    url: Annotated[str, Field(min_length=1, max_length=MAX_B64)]
+
+
+class VideoPart(Strict):  # vLLM's extension of the OpenAI parts: {"type": "video_url", "video_url": {"url"}}
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+Part = Annotated[TextPart | ImagePart | AudioPart | FilePart | VideoPart, Field(discriminator="type")]
 
 
 class Message(Strict):
