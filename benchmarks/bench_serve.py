@@ -176,7 +176,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-batch", type=int, default=16, help="omnilm serve --max-batch")
     ap.add_argument("--servers", nargs="+", default=["omnilm", "transformers", "transformers-1t"],
-                    help="a suffix -Nt runs that server with OMP_NUM_THREADS=N (transformers-1t, omnilm-2t)")  # fmt: skip
+                    help="a suffix -Nt runs that server with OMP_NUM_THREADS=N (transformers-1t, omnilm-2t); "
+                         "omnilm-thread serves with the engine in a thread beside HTTP (--engine thread)")  # fmt: skip
     ap.add_argument("--pin", action="store_true",
                     help="servers on the first CPU, clients on the others: each server's cost alone, not shared with the clients")  # fmt: skip
     args = ap.parse_args()
@@ -192,8 +193,11 @@ def main():
 
     def command(name, port):
         if name.startswith("omnilm"):
+            engine = (
+                ["--engine", "thread"] if "-thread" in name else []
+            )  # omnilm-thread: the engine beside HTTP
             return [sys.executable, "-m", "omnilm", "serve", "--model", str(model_dir), "--port", str(port),
-                    "--device", args.device, "--max-queue", "256", "--max-batch", str(args.max_batch)], model_dir.name  # fmt: skip
+                    "--device", args.device, "--max-queue", "256", "--max-batch", str(args.max_batch), *engine], model_dir.name  # fmt: skip
         return [str(exe / "transformers"), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
                 "--continuous-batching", "--device", args.device], str(model_dir)  # fmt: skip
 

@@ -139,7 +139,7 @@ def cmd_serve(args):
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("OMNILM_API_KEY"),
           max_queue=args.max_queue, max_batch=args.max_batch, device=args.device, dtype=args.dtype,
           allow_media_url=args.allow_media_url, allow_local_media=args.allow_local_media,
-          threads=args.threads, prepack=not args.no_prepack)  # fmt: skip
+          threads=args.threads, prepack=not args.no_prepack, engine=args.engine)  # fmt: skip
 
 
 def cmd_chat(args):
@@ -536,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--no-prepack", action="store_true",
                    help="keep eager nn.Linear (default on CPU: weights packed once for oneDNN, equal to float rounding)")  # fmt: skip
+    p.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
+                   help="where the model runs: a process of its own, or a thread beside HTTP (auto: a process on CPU)")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat in the terminal (/image, /audio, /file, /system, /reset, /save)")

@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,6 +278,68 @@ def test_a_model_that_does_not_load_is_one_error_line_and_exit_2(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such checkpoint directory"]
+
+
+def _engine_pid(server_pid: int) -> int:
+    """The engine process `omnilm serve` spawned (serve/worker.py)."""
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    spawned = [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    assert len(spawned) == 1, children
+    return spawned[0]
+
+
+def test_the_engine_thread_answers_as_the_engine_process(client, inputs, tmp_path_factory):
+    """--engine thread (the model beside the event loop) and the default engine process on CPU give
+    the demo's answers token for token."""
+    proc, port = _start(tmp_path_factory, "--engine", "thread")
+    try:
+        with pytest.raises(AssertionError):
+            _engine_pid(proc.pid)  # no engine process here
+        other = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+        image = {
+            "type": "image_url",
+            "image_url": {"url": "data:image/png;base64," + _b64(inputs / "digit.png")},
+        }
+        audio = {"type": "input_audio", "input_audio": {"data": _b64(inputs / "dial.wav"), "format": "wav"}}
+        for part, question in ((image, "which digit is this?"), (audio, "which number was dialled?")):
+            messages = [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
+            a, b = (
+                c.chat.completions.create(model="demo", messages=messages, max_tokens=8, logprobs=True)
+                for c in (client, other)
+            )
+            assert a.choices[0].message.content == b.choices[0].message.content
+            lp = [[t.logprob for t in r.choices[0].logprobs.content] for r in (a, b)]
+            assert np.allclose(lp[0], lp[1], atol=1e-4)
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+
+
+def test_a_dead_engine_process_is_503_not_a_hang(tmp_path_factory):
+    """The engine process killed: the request in flight ends with an error, /health and new requests
+    answer 503 in the OpenAI shape, and SIGTERM still stops the server."""
+    proc, port = _start(tmp_path_factory)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+        stream = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "draw a 3"}], max_tokens=60, stream=True
+        )
+        next(iter(stream))
+        os.kill(_engine_pid(proc.pid), signal.SIGKILL)
+        finish = [
+            c.choices[0].finish_reason for c in stream if c.choices
+        ]  # it ends instead of waiting forever
+        assert finish[-1] == "error"
+        deadline = time.time() + 10
+        while _health(port) != 503 and time.time() < deadline:
+            time.sleep(0.05)
+        assert _health(port) == 503
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
+        assert e.value.status_code == 503 and "engine" in e.value.body["message"]
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
 
 
 def test_client_disconnect_cancels_and_sigterm_drains(server, client):

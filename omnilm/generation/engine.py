@@ -162,6 +162,7 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.after_step = None  # called by the background thread after each step (and its events)
 
     # ---- the caller's side -------------------------------------------------------------------------
 
@@ -245,6 +246,11 @@ class Engine:
             except Exception as e:  # a fault in the step itself (out of memory, a bug): every request
                 # in flight ends with the error instead of waiting forever; the engine goes on
                 self.fail_all(e)
+            finally:
+                if (
+                    self.after_step is not None
+                ):  # e.g. the server's engine process sends a step's events at once
+                    self.after_step()
 
     def fail_all(self, error: Exception):
         with self._lock:

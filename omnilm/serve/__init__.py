@@ -4,11 +4,15 @@ from __future__ import annotations
 
 
 def serve(model, host="127.0.0.1", port=8000, api_key=None, max_queue=64, max_batch=16, device=None,
-          dtype=None, allow_media_url=False, allow_local_media=None, drain_seconds=30.0, threads=None, prepack=True):  # fmt: skip
+          dtype=None, allow_media_url=False, allow_local_media=None, drain_seconds=30.0, threads=None, prepack=True,
+          engine="auto"):  # fmt: skip
     """Run the server until SIGINT/SIGTERM; on SIGTERM in-flight requests get `drain_seconds` to finish.
     A model that fails to load stops the server and raises its error (the CLI's one-line `error:`).
     threads: torch's intra-op threads (default: threads.serving_threads, one core left to HTTP).
-    prepack: the decoder's CPU linears with weights packed once for oneDNN (serve/prepack.py)."""
+    prepack: the decoder's CPU linears with weights packed once for oneDNN (serve/prepack.py).
+    engine: "process" (the model and its engine in a child process, serve/worker.py), "thread" (in this
+    process, beside the event loop), or "auto": a process on CPU, a thread on an accelerator (whose ops
+    run asynchronously, so the GIL is not what the engine waits for)."""
     import gc
 
     import uvicorn
@@ -19,15 +23,27 @@ def serve(model, host="127.0.0.1", port=8000, api_key=None, max_queue=64, max_ba
     failure = []
 
     def load():
-        from ..threads import set_threads
-        from .backend import Backend  # imports torch: in the loading thread, after the socket is open
-
-        n, why = set_threads(threads, serving=True)
-        print(f"omnilm serve: {n} torch threads ({why})", flush=True)
         try:
-            backend = Backend.load(
-                model, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue, prepack=prepack
-            )
+            if _engine_process(engine, device):
+                from .worker import RemoteBackend  # spawns the engine process before torch is imported here
+
+                backend = RemoteBackend(model, device=device, dtype=dtype, max_batch=max_batch,
+                                        max_queue=max_queue, prepack=prepack, threads=threads)  # fmt: skip
+                where = "an engine process"
+            else:
+                from ..threads import set_threads
+                from .backend import Backend  # imports torch: in the loading thread, after the socket is open
+
+                set_threads(
+                    threads, serving=True
+                )  # before prepacking, whose kernels are built per thread count
+                backend = Backend.load(model, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue,
+                                       prepack=prepack)  # fmt: skip
+                where = "an engine thread"
+            from ..threads import set_threads
+
+            n, why = set_threads(threads, serving=True)  # the engine process sets its own the same way
+            print(f"omnilm serve: the model in {where}, {n} torch threads ({why})", flush=True)
         except Exception as e:
             failure.append(e)
             server.should_exit = True  # a server without its model is of no use
@@ -79,3 +95,9 @@ def _server(config, state):
                 self._captured_signals.remove(sig)
 
     return Server(config)
+
+
+def _engine_process(engine: str, device) -> bool:
+    if engine != "auto":
+        return engine == "process"
+    return str(device or "cpu") == "cpu"  # None: the loaders' default, the CPU

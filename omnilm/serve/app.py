@@ -223,6 +223,8 @@ def create_app(load, api_key=None, max_body: int = DEFAULT_MAX_BODY, allow_media
             raise APIError(503, f"the model failed to load: {state.load_error}", "server_error")
         if state.backend is None:
             raise APIError(503, "the model is loading", "server_error", code="loading")
+        if not getattr(state.backend, "alive", True):
+            raise APIError(503, f"the engine stopped: {state.backend.alive_error}", "server_error")
         return state.backend
 
     @app.get("/health")
@@ -230,6 +232,8 @@ def create_app(load, api_key=None, max_body: int = DEFAULT_MAX_BODY, allow_media
         if state.backend is None:
             msg = f"failed: {state.load_error}" if state.load_error else "loading"
             return JSONResponse({"status": msg}, status_code=503)
+        if not getattr(state.backend, "alive", True):  # the engine process died: restart the server
+            return JSONResponse({"status": f"failed: {state.backend.alive_error}"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -613,7 +617,8 @@ def _chat_logprob(b, ev) -> dict:
         s = _token_str(b, tok_id)
         return {"token": s, "logprob": lp, "bytes": list(s.encode())}
 
-    return {**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in ev.top_logprobs]}
+    # logprobs without top_logprobs: the engine gives no alternatives (None), OpenAI an empty list
+    return {**entry(ev.token, ev.logprob), "top_logprobs": [entry(t, lp) for t, lp in ev.top_logprobs or ()]}
 
 
 def _completion_logprobs(b, prompt, echo_scores, events) -> dict:
