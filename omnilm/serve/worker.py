@@ -56,21 +56,25 @@ class RemoteBackend:
                                 args=(child, model, device, dtype, max_batch, max_queue, prepack, threads))  # fmt: skip
         self.proc.start()  # first: it imports torch and loads the model while this process loads its processor
         child.close()
-        from ..pipeline import Pipeline
-
-        self.pipeline = Pipeline.from_pretrained(model)  # the processor; the weights stay in the child
-        self.processor = self.pipeline.processor
-        self.model_dir = self.pipeline.model_dir
-        self.eos_ids = frozenset(self.pipeline.eos_ids(self.pipeline.generation_config))
         self._send_lock = threading.Lock()
         self._callbacks: dict[int, object] = {}
         self._replies: dict[int, list] = {}
         self._ids = itertools.count()
         self._dead: str | None = None
-        kind, info = self._recv_ready()
-        if kind == "failed":
+        try:
+            from ..pipeline import Pipeline
+
+            self.pipeline = Pipeline.from_pretrained(model)  # the processor; the weights stay in the child
+            self.processor = self.pipeline.processor
+            self.model_dir = self.pipeline.model_dir
+            self.eos_ids = frozenset(self.pipeline.eos_ids(self.pipeline.generation_config))
+            kind, info = self._recv_ready()
+            if kind == "failed":
+                raise info
+        except BaseException:
+            self.proc.terminate()
             self.proc.join(10)
-            raise info
+            raise
         self.model = SimpleNamespace(config=info["config"])
         self.context = info["context"]
         self._receiver = threading.Thread(target=self._receive, name="omnilm-engine-events", daemon=True)
@@ -243,6 +247,18 @@ def _engine_main(conn, model, device, dtype, max_batch, max_queue, prepack, thre
         "decode_media": backend.decode_media,
         "stats": lambda: (backend.queued, backend.running, backend.page_use),
     }
+    # a forward over a long prompt (score) or an image decode runs beside this loop, which must stay
+    # free for submits: the server's event loop waits for each submit's answer
+    from concurrent.futures import ThreadPoolExecutor
+
+    slow = ThreadPoolExecutor(1, thread_name_prefix="omnilm-calls")
+
+    def answer(cid, name, args):
+        try:
+            send(("reply", cid, True, calls[name](*args)))
+        except Exception as e:
+            send(("reply", cid, False, _portable(e)))
+
     send(("ready", {"config": backend.model.config, "context": backend.context}))
     while True:
         try:
@@ -257,6 +273,9 @@ def _engine_main(conn, model, device, dtype, max_batch, max_queue, prepack, thre
                 req.cancel(msg[2])
             continue
         _, cid, name, args = msg
+        if name in ("score", "decode_media"):
+            slow.submit(answer, cid, name, args)
+            continue
         try:
             if name == "submit":
                 rid, prompt, cfg, media = args
@@ -271,6 +290,7 @@ def _engine_main(conn, model, device, dtype, max_batch, max_queue, prepack, thre
         except Exception as e:
             reply = ("reply", cid, False, _portable(e))
         send(reply)
+    slow.shutdown(wait=True)
     backend.stop()  # cancels what is still in flight
     flush()
     conn.close()
