@@ -1,4 +1,6 @@
-"""The server's one door to generation: a Pipeline (model, processor, defaults) and its Engine.
+"""The server's door to generation: a Pipeline (model, processor, defaults) and its Engine, in this
+process (`--engine thread`; on CPU the server runs this same Backend in an engine process of its own and
+talks to it through serve/worker.py's RemoteBackend, which has the interface below).
 
 `submit(prompt_ids, cfg, media, on_event)` is the continuous-batching engine's own (a full queue
 raises QueueFullError at once; `cancel()` frees a request's KV pages before the next step). The rest
