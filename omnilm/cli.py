@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prepack", action="store_true",
                    help="keep eager nn.Linear (default on CPU: weights packed once for oneDNN, equal to float rounding)")  # fmt: skip
     p.add_argument("--engine", choices=("auto", "process", "thread"), default="auto",
-                   help="where the model runs: a process of its own, or a thread beside HTTP (auto: a process on CPU)")  # fmt: skip
+                   help="where the model runs: a process of its own, or a thread beside HTTP (auto: a process on a CPU of 2+ cores)")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="chat in the terminal (/image, /audio, /file, /system, /reset, /save)")
