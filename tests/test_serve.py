@@ -60,7 +60,9 @@ def _start(tmp_path_factory, *flags):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, port = _start(tmp_path_factory, "--max-queue", "8")
+    proc, port = _start(
+        tmp_path_factory, "--max-queue", "8", "--engine", "process"
+    )  # auto's choice on 2+ cores
     yield proc, port
     if proc.poll() is None:
         proc.kill()
@@ -318,7 +320,7 @@ def test_the_engine_thread_answers_as_the_engine_process(client, inputs, tmp_pat
 def test_a_dead_engine_process_is_503_not_a_hang(tmp_path_factory):
     """The engine process killed: the request in flight ends with an error, /health and new requests
     answer 503 in the OpenAI shape, and SIGTERM still stops the server."""
-    proc, port = _start(tmp_path_factory)
+    proc, port = _start(tmp_path_factory, "--engine", "process")
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
         stream = client.chat.completions.create(
