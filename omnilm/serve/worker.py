@@ -182,7 +182,10 @@ class RemoteBackend:
                     if ev.finish_reason is not None:
                         self._callbacks.pop(rid, None)
                     if callback is not None:
-                        callback(ev)
+                        try:
+                            callback(ev)
+                        except Exception:  # a closed event loop at shutdown: the other requests go on
+                            pass
             elif msg[0] == "reply":
                 slot = self._replies.get(msg[1])
                 if slot is not None:
