@@ -209,3 +209,19 @@ def test_template_globals_match_transformers(tmp_path):
     conv = [{"role": "user", "content": 'say "hi" <b>'}]
     ids, _, _ = render_chat_with_media(conv, ours)
     assert ids == _hf_ids(hf, conv, False)
+
+
+def test_a_token_added_after_rendering_is_special_in_the_next_render(tmp_path):
+    """The added-token table is kept on the tokenizer between renders (tokenizers/chat.py) and rebuilt
+    when the vocabulary grows: a special token added later is one id, not its characters."""
+    template = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    ours, _ = _checkpoint(tmp_path, template)
+    chat = ChatTemplate(template)
+    ids, _, _ = chat.encode([{"role": "assistant", "content": "hi"}], ours)
+    assert ids[-1] == ours.token_to_id("<|im_end|>")
+    ours._tok.add_special_tokens([AddedToken("<|tool|>", special=True)])
+    tool = ours.token_to_id("<|tool|>")
+    ids, _, _ = ChatTemplate(template.replace("<|im_end|>", "<|tool|>")).encode(
+        [{"role": "assistant", "content": "hi"}], ours
+    )
+    assert ids[-1] == tool and tool is not None

@@ -162,6 +162,7 @@ def bad_invocations(m, bare, tmp, cuda):
         (gen + ["--tokenizer", tmp / "no-tokenizer"], ["no-tokenizer"]),
         (gen + ["--system", "be brief"], ["--system", "--chat"]),
         (["serve", "--model", m, "--threads", "0"], ["--threads"]),
+        (["serve", "--model", m, "--engine", "fiber"], ["--engine", "fiber"]),
         (["generate", "--model", "org/absent", "--prompt", "hi"], ["org/absent", "not in the cache"]),
         (["convert", "--model", m, "--out", full], ["--out", "not empty", "--overwrite"]),
         (["convert", "--model", m, "--out", a_file], ["--out", "is a file"]),

@@ -265,6 +265,37 @@ def test_errors_in_openai_shape(client, server):
     assert e.value.body["code"] == "context_length_exceeded"
 
 
+def test_auto_puts_the_engine_in_a_process_on_a_multicore_cpu(monkeypatch):
+    import omnilm.threads
+    from omnilm.serve import _engine_process
+
+    monkeypatch.setattr(omnilm.threads, "physical_cores", lambda: 2)
+    assert _engine_process("auto", None) and _engine_process("auto", "cpu")
+    assert not _engine_process("auto", "cuda") and not _engine_process("thread", "cpu")
+    monkeypatch.setattr(omnilm.threads, "physical_cores", lambda: 1)
+    assert not _engine_process("auto", "cpu") and _engine_process("process", "cpu")
+
+
+def test_weights_that_do_not_load_in_the_engine_process_are_one_error_line(tmp_path):
+    """The processor loads (the server process) but the weights do not (the engine process): the
+    engine process's error is the CLI's one line, exit 2."""
+    import shutil
+
+    import omnilm
+
+    model = tmp_path / "broken"
+    shutil.copytree(Path(omnilm.__file__).parent / "assets" / "demo", model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "omnilm", "serve", "--model", str(model), "--port", str(_free_port()),
+           "--engine", "process"]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {weights}: header length"), lines
+
+
 def test_a_model_that_does_not_load_is_one_error_line_and_exit_2(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -282,21 +313,18 @@ def test_a_model_that_does_not_load_is_one_error_line_and_exit_2(tmp_path):
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such checkpoint directory"]
 
 
-def _engine_pid(server_pid: int) -> int:
-    """The engine process `omnilm serve` spawned (serve/worker.py)."""
+def _engine_pids(server_pid: int) -> list[int]:
+    """The engine processes `omnilm serve` spawned (serve/worker.py): one, or none with --engine thread."""
     children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
-    spawned = [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-    assert len(spawned) == 1, children
-    return spawned[0]
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
-def test_the_engine_thread_answers_as_the_engine_process(client, inputs, tmp_path_factory):
+def test_the_engine_thread_answers_as_the_engine_process(server, client, inputs, tmp_path_factory):
     """--engine thread (the model beside the event loop) and the default engine process on CPU give
     the demo's answers token for token."""
     proc, port = _start(tmp_path_factory, "--engine", "thread")
     try:
-        with pytest.raises(AssertionError):
-            _engine_pid(proc.pid)  # no engine process here
+        assert _engine_pids(proc.pid) == [] and len(_engine_pids(server[0].pid)) == 1
         other = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
         image = {
             "type": "image_url",
@@ -312,6 +340,18 @@ def test_the_engine_thread_answers_as_the_engine_process(client, inputs, tmp_pat
             assert a.choices[0].message.content == b.choices[0].message.content
             lp = [[t.logprob for t in r.choices[0].logprobs.content] for r in (a, b)]
             assert np.allclose(lp[0], lp[1], atol=1e-4)
+        for p in (server[1], port):  # the gauges come from the engine, wherever it runs
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{p}/metrics", headers={"Authorization": f"Bearer {KEY}"}
+            )
+            lines = urllib.request.urlopen(req, timeout=10).read().decode().splitlines()
+            gauges = {
+                line.split()[0]: float(line.split()[1])
+                for line in lines
+                if line.startswith(("omnilm_queue", "omnilm_running", "omnilm_kv"))
+            }
+            assert gauges["omnilm_queue_length"] == 0 and gauges["omnilm_running"] == 0, gauges
+            assert 0 <= gauges["omnilm_kv_page_use"] < 1, gauges
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
@@ -327,7 +367,8 @@ def test_a_dead_engine_process_is_503_not_a_hang(tmp_path_factory):
             model="demo", messages=[{"role": "user", "content": "draw a 3"}], max_tokens=60, stream=True
         )
         next(iter(stream))
-        os.kill(_engine_pid(proc.pid), signal.SIGKILL)
+        (engine,) = _engine_pids(proc.pid)
+        os.kill(engine, signal.SIGKILL)
         finish = [
             c.choices[0].finish_reason for c in stream if c.choices
         ]  # it ends instead of waiting forever

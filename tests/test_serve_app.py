@@ -57,6 +57,9 @@ class FakeBackend:
         self.eos_ids = frozenset({2})
         self.lock = threading.Lock()
 
+    def stats(self):
+        return self.queued, self.running, self.page_use
+
     def submit(self, prompt_ids, cfg, media=None, on_event=None):
         with self.lock:
             if self.active >= self.max_queue:

@@ -24,25 +24,24 @@ def serve(model, host="127.0.0.1", port=8000, api_key=None, max_queue=64, max_ba
 
     def load():
         try:
-            if _engine_process(engine, device):
-                from .worker import RemoteBackend  # spawns the engine process before torch is imported here
+            process = _engine_process(engine, device)
+            if process:  # spawned before torch is imported here: the child imports it meanwhile
+                from .worker import RemoteBackend
 
                 backend = RemoteBackend(model, device=device, dtype=dtype, max_batch=max_batch,
                                         max_queue=max_queue, prepack=prepack, threads=threads)  # fmt: skip
-                where = "an engine process"
-            else:
-                from ..threads import set_threads
-                from .backend import Backend  # imports torch: in the loading thread, after the socket is open
+            from ..threads import (
+                set_threads,
+            )  # imports torch: in the loading thread, after the socket is open
 
-                set_threads(
-                    threads, serving=True
-                )  # before prepacking, whose kernels are built per thread count
+            # before prepacking, whose kernels are built per thread count (the engine process sets its own)
+            n, why = set_threads(threads, serving=True)
+            if not process:
+                from .backend import Backend
+
                 backend = Backend.load(model, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue,
                                        prepack=prepack)  # fmt: skip
-                where = "an engine thread"
-            from ..threads import set_threads
-
-            n, why = set_threads(threads, serving=True)  # the engine process sets its own the same way
+            where = "an engine process" if process else "an engine thread"
             print(f"omnilm serve: the model in {where}, {n} torch threads ({why})", flush=True)
         except Exception as e:
             failure.append(e)

@@ -75,9 +75,10 @@ class Metrics:
         from prometheus_client import generate_latest
 
         if backend is not None:
-            self.queue.set(backend.queued)
-            self.running.set(backend.running)
-            self.pages.set(backend.page_use)
+            queued, running, pages = backend.stats()
+            self.queue.set(queued)
+            self.running.set(running)
+            self.pages.set(pages)
         return generate_latest(self.registry)
 
 

@@ -46,18 +46,14 @@ class Backend:
             cfg = cfg.updated(eos_token_id=sorted(self.eos_ids))
         return self.engine.submit(prompt_ids, cfg, media, on_event=on_event)
 
-    @property
-    def queued(self) -> int:
-        return len(self.engine.waiting)
-
-    @property
-    def running(self) -> int:
-        return len(self.engine.running) + len(self.engine.prefilling)
-
-    @property
-    def page_use(self) -> float:
-        pool = self.engine.pool
-        return 1.0 - pool.free / pool.num_pages
+    def stats(self) -> tuple[int, int, float]:
+        """(requests waiting, requests running or prefilling, fraction of KV pages in use) for /metrics."""
+        engine, pool = self.engine, self.engine.pool
+        return (
+            len(engine.waiting),
+            len(engine.running) + len(engine.prefilling),
+            1.0 - pool.free / pool.num_pages,
+        )
 
     def decode_media(self, ids):
         """(PIL images, (waveform, rate) pairs) of the complete image/audio spans in ids."""

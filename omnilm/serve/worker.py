@@ -113,17 +113,8 @@ class RemoteBackend:
     def decode_media(self, ids):
         return self._call("decode_media", list(ids))
 
-    @property
-    def queued(self) -> int:
-        return self._call("stats")[0]
-
-    @property
-    def running(self) -> int:
-        return self._call("stats")[1]
-
-    @property
-    def page_use(self) -> float:
-        return self._call("stats")[2]
+    def stats(self) -> tuple[int, int, float]:
+        return self._call("stats")
 
     @property
     def alive(self) -> bool:
@@ -248,7 +239,7 @@ def _engine_main(conn, model, device, dtype, max_batch, max_queue, prepack, thre
     calls = {
         "score": backend.score,
         "decode_media": backend.decode_media,
-        "stats": lambda: (backend.queued, backend.running, backend.page_use),
+        "stats": backend.stats,
     }
     # a forward over a long prompt (score) or an image decode runs beside this loop, which must stay
     # free for submits: the server's event loop waits for each submit's answer
